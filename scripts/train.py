@@ -1,0 +1,33 @@
+"""Train a model: ``python scripts/train.py [group=option ...] [key=value ...]``.
+
+Examples::
+
+    python scripts/train.py                                   # MLP on Pythia jets, auto device
+    python scripts/train.py model=transformer trainer=gpu
+    python scripts/train.py model=mlp trainer.devices=4       # DDP on 4 GPUs
+    python scripts/train.py trainer=cpu trainer.devices=2 trainer.strategy=ddp
+    python scripts/train.py ckpt_path=last                    # resume the newest run
+
+All logic lives in ``project.training.run``; this file only composes the config.
+"""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Compose the config, train, and return the metric a sweeper optimises."""
+    from project.training.run import train
+
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

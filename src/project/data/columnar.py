@@ -1,0 +1,195 @@
+"""An in-memory Structure-of-Arrays table: the one form every source produces.
+
+Flat columns are 1-D arrays of length ``n_rows``; a jagged collection is ``offsets``
+(``(n_rows + 1,)`` int64) plus one 1-D array per field of length ``offsets[-1]``. Nothing here
+loops over rows in Python: selections and batches are index gathers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from project.data.contract import ContractError, InputContract
+
+
+@dataclass
+class Jagged:
+    """One jagged collection: ``offsets`` ``(n_rows + 1,)`` int64 and field arrays ``(n_objects,)``."""
+
+    offsets: np.ndarray
+    fields: dict[str, np.ndarray]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Number of objects per row, ``(n_rows,)``."""
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, fields: dict[str, np.ndarray]) -> Jagged:
+        """Build from per-row counts instead of offsets."""
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return cls(offsets=offsets, fields=fields)
+
+
+@dataclass
+class ColumnarData:
+    """A SoA table: flat columns, jagged collections and optional integer class labels.
+
+    ``source`` is a human-readable origin (a file path, a generator's settings) used in errors.
+    """
+
+    flat: dict[str, np.ndarray] = field(default_factory=dict)
+    jagged: dict[str, Jagged] = field(default_factory=dict)
+    labels: np.ndarray | None = None
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        if self.flat:
+            return len(next(iter(self.flat.values())))
+        if self.jagged:
+            return len(next(iter(self.jagged.values())).offsets) - 1
+        return 0 if self.labels is None else len(self.labels)
+
+    def validate(self) -> ColumnarData:
+        """Check shapes and offsets; raise ``ContractError`` naming the offending column."""
+        n = len(self)
+        for name, col in self.flat.items():
+            if col.ndim != 1 or len(col) != n:
+                raise ContractError(
+                    f"{self.source}: flat column {name!r} has shape {col.shape}, expected ({n},) "
+                    "like the other flat columns"
+                )
+        for cname, coll in self.jagged.items():
+            off = coll.offsets
+            if off.ndim != 1 or len(off) != n + 1:
+                raise ContractError(
+                    f"{self.source}: collection {cname!r} offsets have shape {off.shape}, "
+                    f"expected ({n + 1},)"
+                )
+            if len(off) and (off[0] != 0 or np.any(np.diff(off) < 0)):
+                raise ContractError(
+                    f"{self.source}: collection {cname!r} offsets must start at 0 and never decrease"
+                )
+            total = int(off[-1]) if len(off) else 0
+            for fname, arr in coll.fields.items():
+                if arr.ndim != 1 or len(arr) != total:
+                    raise ContractError(
+                        f"{self.source}: field {cname}.{fname} has shape {arr.shape}, expected "
+                        f"({total},) = offsets[-1]"
+                    )
+        if self.labels is not None and (self.labels.ndim != 1 or len(self.labels) != n):
+            raise ContractError(
+                f"{self.source}: labels have shape {self.labels.shape}, expected ({n},)"
+            )
+        return self
+
+    def take(self, rows: np.ndarray) -> ColumnarData:
+        """Rows ``rows`` (an index array) as a new table; jagged objects are gathered along."""
+        rows = np.asarray(rows, dtype=np.int64)
+        jagged = {}
+        for cname, coll in self.jagged.items():
+            offsets, obj = gather_objects(coll.offsets, rows)
+            jagged[cname] = Jagged(offsets, {k: v[obj] for k, v in coll.fields.items()})
+        return ColumnarData(
+            flat={k: v[rows] for k, v in self.flat.items()},
+            jagged=jagged,
+            labels=None if self.labels is None else self.labels[rows],
+            source=self.source,
+        )
+
+    @staticmethod
+    def concatenate(parts: list[ColumnarData]) -> ColumnarData:
+        """Stack tables with the same columns row-wise."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+        jagged = {}
+        for cname, coll in first.jagged.items():
+            counts = np.concatenate([p.jagged[cname].counts for p in parts])
+            fields = {
+                f: np.concatenate([p.jagged[cname].fields[f] for p in parts]) for f in coll.fields
+            }
+            jagged[cname] = Jagged.from_counts(counts, fields)
+        labels = None
+        if first.labels is not None:
+            labels = np.concatenate([p.labels for p in parts])
+        return ColumnarData(
+            flat={k: np.concatenate([p.flat[k] for p in parts]) for k in first.flat},
+            jagged=jagged,
+            labels=labels,
+            source=first.source,
+        )
+
+    def select_contract(self, contract: InputContract) -> ColumnarData:
+        """Keep exactly the contract's columns, as float32 features and int64 offsets.
+
+        Raises ``ContractError`` naming the missing column and listing what the source has.
+        """
+        flat = {}
+        for feat in contract.flat:
+            if feat.name not in self.flat:
+                raise ContractError(
+                    f"{self.source}: flat column {feat.name!r} required by the contract is missing; "
+                    f"the source has flat columns {sorted(self.flat)}"
+                )
+            flat[feat.name] = _as_float32(self.flat[feat.name], f"{self.source}: column {feat.name!r}")
+        jagged = {}
+        for coll in contract.jagged:
+            if coll.name not in self.jagged:
+                raise ContractError(
+                    f"{self.source}: jagged collection {coll.name!r} required by the contract is "
+                    f"missing; the source has collections {sorted(self.jagged)}"
+                )
+            src = self.jagged[coll.name]
+            fields = {}
+            for feat in coll.fields:
+                if feat.name not in src.fields:
+                    raise ContractError(
+                        f"{self.source}: field {feat.name!r} of collection {coll.name!r} is missing; "
+                        f"the collection has fields {sorted(src.fields)}"
+                    )
+                fields[feat.name] = _as_float32(
+                    src.fields[feat.name], f"{self.source}: field {coll.name}.{feat.name}"
+                )
+            jagged[coll.name] = Jagged(np.ascontiguousarray(src.offsets, dtype=np.int64), fields)
+        labels = None if self.labels is None else np.asarray(self.labels, dtype=np.int64)
+        return ColumnarData(flat, jagged, labels, self.source).validate()
+
+    def to_soa(self, contract: InputContract) -> dict[str, np.ndarray]:
+        """The deployed graph's inputs by name (see ``InputContract.input_names``)."""
+        out = {name: self.flat[name] for name in contract.flat_names}
+        for coll in contract.jagged:
+            out[coll.offsets_name] = self.jagged[coll.name].offsets
+            for f in coll.fields:
+                out[coll.field_input_name(f.name)] = self.jagged[coll.name].fields[f.name]
+        return out
+
+
+def gather_objects(
+    offsets: np.ndarray, rows: np.ndarray, max_length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and object indices of ``rows`` of a jagged collection, vectorised.
+
+    Returns ``(new_offsets, object_index)`` where ``object_index`` indexes the original field
+    arrays. With ``max_length`` only the first ``max_length`` objects of each row are kept.
+    """
+    starts = offsets[:-1][rows]
+    counts = offsets[1:][rows] - starts
+    if max_length is not None:
+        counts = np.minimum(counts, max_length)
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_offsets[1:])
+    total = int(new_offsets[-1])
+    obj = np.repeat(starts - new_offsets[:-1], counts) + np.arange(total, dtype=np.int64)
+    return new_offsets, obj
+
+
+def _as_float32(arr: np.ndarray, what: str) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "fiub":
+        raise ContractError(f"{what} has dtype {arr.dtype}; expected a numeric column")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+

@@ -1,0 +1,174 @@
+"""The LightningDataModule: one source, one contract, deterministic splits, SoA batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+
+from project.data.batching import EpochSampler, SoABatchLoader, SoATensors
+from project.data.columnar import ColumnarData, gather_objects
+from project.data.contract import ContractError, InputContract
+from project.data.sources import Source
+from project.soa.assembler import LOG_FLOOR
+
+
+def split_rows(n_rows: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split ``range(n_rows)`` into disjoint index arrays, one per fraction, shuffled by ``seed``.
+
+    The same ``(n_rows, fractions, seed)`` always gives the same split; each part is sorted so
+    evaluation batches keep the source's row order.
+    """
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if fractions.ndim != 1 or np.any(fractions <= 0) or abs(fractions.sum() - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be positive and sum to 1, got {fractions.tolist()}")
+    order = np.random.default_rng(seed).permutation(n_rows)
+    bounds = np.round(np.cumsum(fractions) * n_rows).astype(np.int64)
+    bounds[-1] = n_rows
+    return [np.sort(part) for part in np.split(order, bounds[:-1])]
+
+
+def _moments(values: np.ndarray, log: bool) -> tuple[float, float]:
+    values = values.astype(np.float64)
+    if log:
+        values = np.log(np.maximum(values, LOG_FLOOR))
+    if len(values) == 0:
+        return 0.0, 1.0
+    scale = float(values.std())
+    return float(values.mean()), scale if np.isfinite(scale) and scale > 1e-12 else 1.0
+
+
+def fit_standardizer(data: ColumnarData, contract: InputContract) -> InputContract:
+    """Fit mean and scale of every feature on ``data`` (the training split) and return the
+    fitted contract. Jagged fields are fitted on the objects the model sees (the first
+    ``max_length`` of each row)."""
+    flat = {
+        f.name: _moments(data.flat[f.name], f.transform == "log") for f in contract.flat
+    }
+    jagged = {}
+    for coll in contract.jagged:
+        src = data.jagged[coll.name]
+        _, seen = gather_objects(src.offsets, np.arange(len(data)), coll.max_length)
+        jagged[coll.name] = {
+            f.name: _moments(src.fields[f.name][seen], f.transform == "log") for f in coll.fields
+        }
+    return contract.with_constants(flat, jagged)
+
+
+class SoADataModule(L.LightningDataModule):
+    """Loads one source, splits it by seed, fits the standardisation and serves SoA batches.
+
+    Parameters
+    ----------
+    source
+        Anything with ``load() -> ColumnarData`` (see ``project.data.sources``).
+    contract
+        The input contract as written in the data config (constants are fitted here).
+    split
+        Train, validation and test fractions.
+    seed
+        Seed of the split and of the training shuffle.
+    batch_size, eval_batch_size
+        Rows per training and per evaluation batch (per device).
+    drop_last
+        Drop the last incomplete training batch.
+    pin_memory
+        Pin host batches for asynchronous copies to a GPU.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        contract: Mapping[str, Any] | InputContract,
+        split: Sequence[float] = (0.7, 0.15, 0.15),
+        seed: int = 42,
+        batch_size: int = 256,
+        eval_batch_size: int = 1024,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.raw_contract = InputContract.from_dict(
+            contract if isinstance(contract, InputContract) else dict(contract)
+        )
+        self.split, self.seed = tuple(split), seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.drop_last, self.pin_memory = drop_last, pin_memory
+        self.contract: InputContract | None = None
+        self.splits: dict[str, ColumnarData] = {}
+        self._tensors: dict[str, SoATensors] = {}
+
+    def prepare_data(self) -> None:
+        """Generate or download-free cache the data once (rank zero): loading does it."""
+        self.source.load()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, check against the contract, split and fit; idempotent."""
+        if self.contract is not None:
+            return
+        data = self.source.load().select_contract(self.raw_contract)
+        check_labels(data, self.raw_contract)
+        names = ("train", "val", "test")
+        parts = split_rows(len(data), self.split, self.seed)
+        for name, rows in zip(names, parts, strict=True):
+            if len(rows) == 0:
+                raise ContractError(
+                    f"{data.source}: the {name} split is empty ({len(data)} rows, split "
+                    f"{list(self.split)}); use more data or other fractions"
+                )
+            self.splits[name] = data.take(rows)
+        self.contract = fit_standardizer(self.splits["train"], self.raw_contract)
+        self._tensors = {k: SoATensors(v, self.contract) for k, v in self.splits.items()}
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, name: str, shuffle: bool) -> SoABatchLoader:
+        self.setup()
+        rank, world = self._rank()
+        tensors = self._tensors[name]
+        sampler = EpochSampler(tensors.n_rows, shuffle, self.seed, rank, world)
+        return SoABatchLoader(
+            tensors,
+            self.batch_size if shuffle else self.eval_batch_size,
+            sampler,
+            drop_last=self.drop_last and shuffle,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> SoABatchLoader:
+        """Shuffled training batches; under DDP each rank gets a disjoint shard per epoch."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> SoABatchLoader:
+        """Validation batches in stored order."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> SoABatchLoader:
+        """Test batches in stored order."""
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> SoABatchLoader:
+        """Test batches, for ``trainer.predict``."""
+        return self._loader("test", shuffle=False)
+
+
+def check_labels(data: ColumnarData, contract: InputContract) -> None:
+    """Labels must exist and lie in ``[0, n_classes)``; otherwise name the source and classes."""
+    if data.labels is None:
+        raise ContractError(f"{data.source}: the source gives no labels; set its label expression")
+    if len(data) == 0:
+        raise ContractError(f"{data.source}: no rows (check the selection)")
+    bad = (data.labels < 0) | (data.labels >= contract.n_classes)
+    if bad.any():
+        found = sorted(set(np.unique(data.labels[bad]).tolist()))[:10]
+        raise ContractError(
+            f"{data.source}: labels {found} are outside 0..{contract.n_classes - 1} for classes "
+            f"{list(contract.classes)}; fix the label expression or the contract's classes"
+        )

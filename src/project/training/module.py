@@ -1,0 +1,183 @@
+"""The LightningModule for classification (binary and multi-class) on SoA batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.classification import Accuracy, AUROC
+
+from project.data.contract import InputContract
+from project.soa.assembler import SoAAssembler
+from project.utils import build_from_config
+
+
+def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any] | None:
+    """Resolve an OmegaConf node into plain Python containers, so the checkpoint's
+    hyperparameters load with ``torch.load(weights_only=True)``."""
+    if cfg is None:
+        return None
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+class DeployableClassifier(nn.Module):
+    """SoA assembler followed by the network: raw columns to logits.
+
+    The deploy graph wraps exactly this module (plus the output activation), so the trained
+    weights and the preprocessing constants travel together in one ``state_dict``.
+    """
+
+    def __init__(self, contract: InputContract, net: nn.Module) -> None:
+        super().__init__()
+        self.assembler = SoAAssembler(contract)
+        self.net = net
+
+    def forward(self, inputs: list[Tensor]) -> Tensor:
+        """Logits ``(batch, n_classes)`` from inputs in ``contract.input_names`` order."""
+        flat, jagged, masks = self.assembler(inputs)
+        return self.net(flat, jagged, masks)
+
+
+def build_classifier(contract: InputContract, net: Mapping[str, Any]) -> DeployableClassifier:
+    """Assembler plus the network built from its ``_target_`` config with the contract's sizes."""
+    return DeployableClassifier(contract, build_from_config(net, **contract.model_dims()))
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy classifier whose first step on every batch is the SoA assembler.
+
+    Parameters
+    ----------
+    net
+        Network config (``_target_`` plus arguments; sizes come from the contract).
+    contract
+        The fitted input contract (``InputContract.to_dict()``), saved in the checkpoint.
+    optimizer, scheduler
+        Hydra configs with ``_partial_: true``; the scheduler is optional.
+    label_smoothing
+        Cross-entropy label smoothing.
+    compile
+        Wrap the network in ``torch.compile`` for training.
+    """
+
+    def __init__(
+        self,
+        net: Mapping[str, Any],
+        contract: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            {
+                "net": _plain(net),
+                "contract": _plain(contract),
+                "optimizer": _plain(optimizer),
+                "scheduler": _plain(scheduler),
+                "label_smoothing": float(label_smoothing),
+                "compile": bool(compile),
+            }
+        )
+        self.contract = InputContract.from_dict(self.hparams.contract)
+        if not self.contract.fitted:
+            raise ValueError(
+                "the contract has no standardisation constants; build the module with the "
+                "DataModule's fitted contract (datamodule.contract)"
+            )
+        self.model = build_classifier(self.contract, self.hparams.net)
+        self.input_names = self.contract.input_names
+        self.n_classes = self.contract.n_classes
+        task = "binary" if self.n_classes == 2 else "multiclass"
+        metrics = MetricCollection(
+            {
+                "auroc": AUROC(task=task, num_classes=self.n_classes),
+                "accuracy": Accuracy(task=task, num_classes=self.n_classes),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.test_probs = CatMetric()
+        self.test_labels = CatMetric()
+        self._forward_net = self.model
+
+    def setup(self, stage: str) -> None:
+        """Compile the network on the training device if asked."""
+        if self.hparams.compile and stage == "fit":
+            self._forward_net = torch.compile(self.model)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Logits ``(batch, n_classes)`` of a SoA batch."""
+        return self._forward_net([batch[name] for name in self.input_names])
+
+    def _metric_inputs(self, logits: Tensor) -> Tensor:
+        probs = logits.softmax(dim=-1)
+        return probs[:, 1] if self.n_classes == 2 else probs
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        """One optimisation step's loss."""
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(batch["label"]))  # fmt: skip
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        """Validation loss and metrics, reduced across ranks at epoch end."""
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["label"])
+        self.val_metrics.update(self._metric_inputs(logits), batch["label"])
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(batch["label"]))  # fmt: skip
+        self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        """Test metrics; probabilities are kept for the plots."""
+        logits = self(batch)
+        probs = logits.softmax(dim=-1)
+        self.test_metrics.update(self._metric_inputs(logits), batch["label"])
+        self.test_probs.update(probs)
+        self.test_labels.update(batch["label"].float())
+        self.log("test/loss", F.cross_entropy(logits, batch["label"]), on_epoch=True,
+                 sync_dist=True, batch_size=len(batch["label"]))  # fmt: skip
+        self.log_dict(self.test_metrics, on_epoch=True)
+
+    def on_test_epoch_end(self) -> None:
+        """Gather all ranks' test predictions and draw the ROC curve and score plots."""
+        probs = self.test_probs.compute()  # synchronised across ranks
+        labels = self.test_labels.compute().long()
+        self.test_probs.reset()
+        self.test_labels.reset()
+        self._write_plots(probs.float().cpu().numpy(), labels.cpu().numpy())
+
+    @rank_zero_only
+    def _write_plots(self, probs: Any, labels: Any) -> None:
+        from project.training.plots import write_classifier_plots
+
+        out_dir = self.trainer.default_root_dir
+        figures = write_classifier_plots(probs, labels, self.contract.classes, out_dir)
+        for logger in self.loggers:
+            add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
+            if callable(add_figure):
+                for name, fig in figures.items():
+                    add_figure(f"test/{name}", fig, global_step=self.global_step)
+
+    def configure_optimizers(self) -> Any:
+        """Optimiser (and scheduler, stepped per epoch) from the Hydra configs."""
+        optimizer = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameters())
+        if self.hparams.scheduler is None:
+            return optimizer
+        scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
