@@ -27,7 +27,9 @@ class SoATensors:
         self.contract = contract
         self.n_rows = len(data)
         self.flat = {k: torch.from_numpy(data.flat[k]) for k in contract.flat_names}
-        self.offsets = {c.name: torch.from_numpy(data.jagged[c.name].offsets) for c in contract.jagged}
+        self.offsets = {
+            c.name: torch.from_numpy(data.jagged[c.name].offsets) for c in contract.jagged
+        }
         self.fields = {
             c.name: [torch.from_numpy(data.jagged[c.name].fields[f.name]) for f in c.fields]
             for c in contract.jagged

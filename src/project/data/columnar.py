@@ -135,7 +135,9 @@ class ColumnarData:
                     f"{self.source}: flat column {feat.name!r} required by the contract is missing; "
                     f"the source has flat columns {sorted(self.flat)}"
                 )
-            flat[feat.name] = _as_float32(self.flat[feat.name], f"{self.source}: column {feat.name!r}")
+            flat[feat.name] = _as_float32(
+                self.flat[feat.name], f"{self.source}: column {feat.name!r}"
+            )
         jagged = {}
         for coll in contract.jagged:
             if coll.name not in self.jagged:
@@ -192,4 +194,3 @@ def _as_float32(arr: np.ndarray, what: str) -> np.ndarray:
     if arr.dtype.kind not in "fiub":
         raise ContractError(f"{what} has dtype {arr.dtype}; expected a numeric column")
     return np.ascontiguousarray(arr, dtype=np.float32)
-

@@ -75,7 +75,12 @@ class Feature:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON and checkpoint friendly)."""
-        return {"name": self.name, "transform": self.transform, "mean": self.mean, "scale": self.scale}
+        return {
+            "name": self.name,
+            "transform": self.transform,
+            "mean": self.mean,
+            "scale": self.scale,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | str) -> Feature:
@@ -256,7 +261,8 @@ class InputContract:
             self,
             flat=tuple(fill(f, flat) for f in self.flat),
             jagged=tuple(
-                replace(c, fields=tuple(fill(f, jagged[c.name]) for f in c.fields)) for c in self.jagged
+                replace(c, fields=tuple(fill(f, jagged[c.name]) for f in c.fields))
+                for c in self.jagged
             ),
         )
 
@@ -305,5 +311,9 @@ class InputContract:
     def from_json(cls, text_or_path: str | Path) -> InputContract:
         """Read from a JSON string or a path to a JSON file."""
         p = Path(text_or_path)
-        text = p.read_text() if not str(text_or_path).lstrip().startswith("{") and p.exists() else str(text_or_path)
+        text = (
+            p.read_text()
+            if not str(text_or_path).lstrip().startswith("{") and p.exists()
+            else str(text_or_path)
+        )
         return cls.from_dict(json.loads(text))

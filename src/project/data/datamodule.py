@@ -44,9 +44,7 @@ def fit_standardizer(data: ColumnarData, contract: InputContract) -> InputContra
     """Fit mean and scale of every feature on ``data`` (the training split) and return the
     fitted contract. Jagged fields are fitted on the objects the model sees (the first
     ``max_length`` of each row)."""
-    flat = {
-        f.name: _moments(data.flat[f.name], f.transform == "log") for f in contract.flat
-    }
+    flat = {f.name: _moments(data.flat[f.name], f.transform == "log") for f in contract.flat}
     jagged = {}
     for coll in contract.jagged:
         src = data.jagged[coll.name]

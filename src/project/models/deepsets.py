@@ -48,13 +48,9 @@ class DeepSets(nn.Module):
             )
         self.collection = collection
         self.use_flat = use_flat and n_flat > 0
-        self.phi = TorchvisionMLP(
-            n_fields[collection], list(phi_hidden), activation_layer=nn.GELU
-        )
+        self.phi = TorchvisionMLP(n_fields[collection], list(phi_hidden), activation_layer=nn.GELU)
         f_in = phi_hidden[-1] + (n_flat if self.use_flat else 0)
-        self.f = TorchvisionMLP(
-            f_in, list(f_hidden), activation_layer=nn.GELU, dropout=dropout
-        )
+        self.f = TorchvisionMLP(f_in, list(f_hidden), activation_layer=nn.GELU, dropout=dropout)
         self.head = nn.Linear(f_hidden[-1], n_classes)
 
     def forward(self, flat: Tensor, jagged: list[Tensor], masks: list[Tensor]) -> Tensor:

@@ -30,7 +30,9 @@ class _Block(nn.Module):
         """``x`` ``(batch, seq, dim)``; ``key_mask`` ``(batch, seq)``, True where attendable."""
         b, s, d = x.shape
         q, k, v = (
-            self.qkv(self.norm1(x)).reshape(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            self.qkv(self.norm1(x))
+            .reshape(b, s, 3, self.heads, d // self.heads)
+            .permute(2, 0, 3, 1, 4)
         )
         attn_mask = key_mask[:, None, None, :]  # broadcast over heads and queries
         out = F.scaled_dot_product_attention(

@@ -53,9 +53,7 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.scale
 
 
-def pad_jagged(
-    offsets: Tensor, fields: list[Tensor], max_length: int
-) -> tuple[Tensor, Tensor]:
+def pad_jagged(offsets: Tensor, fields: list[Tensor], max_length: int) -> tuple[Tensor, Tensor]:
     """Pad one jagged collection by gathers.
 
     Parameters

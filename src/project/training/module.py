@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
-from torchmetrics.classification import Accuracy, AUROC
+from torchmetrics.classification import AUROC, Accuracy
 
 from project.data.contract import InputContract
 from project.soa.assembler import SoAAssembler
@@ -130,8 +130,15 @@ class ClassifierModule(L.LightningModule):
         """One optimisation step's loss."""
         logits = self(batch)
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=len(batch["label"]))  # fmt: skip
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(batch["label"]),
+        )
         return loss
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
@@ -139,8 +146,14 @@ class ClassifierModule(L.LightningModule):
         logits = self(batch)
         loss = F.cross_entropy(logits, batch["label"])
         self.val_metrics.update(self._metric_inputs(logits), batch["label"])
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=len(batch["label"]))  # fmt: skip
+        self.log(
+            "val/loss",
+            loss,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(batch["label"]),
+        )
         self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
@@ -150,8 +163,13 @@ class ClassifierModule(L.LightningModule):
         self.test_metrics.update(self._metric_inputs(logits), batch["label"])
         self.test_probs.update(probs)
         self.test_labels.update(batch["label"].float())
-        self.log("test/loss", F.cross_entropy(logits, batch["label"]), on_epoch=True,
-                 sync_dist=True, batch_size=len(batch["label"]))  # fmt: skip
+        self.log(
+            "test/loss",
+            F.cross_entropy(logits, batch["label"]),
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=len(batch["label"]),
+        )
         self.log_dict(self.test_metrics, on_epoch=True)
 
     def on_test_epoch_end(self) -> None:
@@ -180,4 +198,7 @@ class ClassifierModule(L.LightningModule):
         if self.hparams.scheduler is None:
             return optimizer
         scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }

@@ -8,9 +8,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # runs on headless batch nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def roc_curve(scores: np.ndarray, is_signal: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -67,7 +67,13 @@ def write_classifier_plots(
     for ax, c in zip(np.atleast_1d(axes), signal_classes, strict=True):
         bins = np.linspace(0, 1, 41)
         for k, name in enumerate(classes):
-            ax.hist(probs[labels == k, c], bins=bins, histtype="step", density=True, label=f"true {name}")
+            ax.hist(
+                probs[labels == k, c],
+                bins=bins,
+                histtype="step",
+                density=True,
+                label=f"true {name}",
+            )
         ax.set(xlabel=f"p({classes[c]})", ylabel="density", yscale="log")
         ax.legend()
     score_fig.tight_layout()

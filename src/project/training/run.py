@@ -34,7 +34,9 @@ def print_config_tree(cfg: DictConfig) -> None:
     tree = rich.tree.Tree("config", style="dim", guide_style="dim")
     for key, value in cfg.items():
         branch = tree.add(str(key), style="bold")
-        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+        text = (
+            OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+        )
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
 
@@ -88,7 +90,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     timer = EpochTimer()
     callbacks = [*instantiate_group(cfg.get("callbacks")), timer]
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
     _write_resolved_config(cfg, output_dir, trainer)
 
     started = time.perf_counter()

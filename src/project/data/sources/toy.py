@@ -11,9 +11,17 @@ import numpy as np
 from project.data.columnar import ColumnarData, Jagged
 
 FLAT = (
-    "jet_pt", "jet_eta", "jet_phi", "jet_mass", "jet_n_constituents",
-    "jet_tau1", "jet_tau2", "jet_tau3", "jet_tau21", "jet_tau32",
-)  # fmt: skip
+    "jet_pt",
+    "jet_eta",
+    "jet_phi",
+    "jet_mass",
+    "jet_n_constituents",
+    "jet_tau1",
+    "jet_tau2",
+    "jet_tau3",
+    "jet_tau21",
+    "jet_tau32",
+)
 FIELDS = ("pt", "eta", "phi", "energy", "deta", "dphi", "ptrel", "erel", "dr")
 
 
@@ -75,13 +83,23 @@ class ToyJetSource:
         energy = cpt * np.cosh(ceta)
         jet_energy = np.bincount(row, weights=energy, minlength=n)
         fields = {
-            "pt": cpt, "eta": ceta, "phi": phi[row] + dphi, "energy": energy,
-            "deta": deta, "dphi": dphi, "ptrel": ptrel,
-            "erel": energy / np.maximum(jet_energy[row], 1e-9), "dr": np.hypot(deta, dphi),
-        }  # fmt: skip
+            "pt": cpt,
+            "eta": ceta,
+            "phi": phi[row] + dphi,
+            "energy": energy,
+            "deta": deta,
+            "dphi": dphi,
+            "ptrel": ptrel,
+            "erel": energy / np.maximum(jet_energy[row], 1e-9),
+            "dr": np.hypot(deta, dphi),
+        }
         return ColumnarData(
             flat={k: v.astype(np.float32) for k, v in flat.items()},
-            jagged={"part": Jagged.from_counts(counts, {k: v.astype(np.float32) for k, v in fields.items()})},
+            jagged={
+                "part": Jagged.from_counts(
+                    counts, {k: v.astype(np.float32) for k, v in fields.items()}
+                )
+            },
             labels=label.astype(np.int64),
             source=f"toy jets (n_jets={n}, seed={self.seed})",
         ).validate()

@@ -1,0 +1,1 @@
+"""The deploy stage: deploy graph, exporters, parity validation, manifest, publishing."""

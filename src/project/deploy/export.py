@@ -1,0 +1,355 @@
+"""The export job behind ``scripts/export.py``: a trained run to a published, verified export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from project.data.columnar import ColumnarData
+from project.data.contract import InputContract
+from project.deploy import formats
+from project.deploy.graph import CheckpointError, LoadedCheckpoint, load_checkpoint
+from project.deploy.manifest import MANIFEST_VERSION, now_utc, provenance, validate_manifest
+from project.deploy.parity import (
+    ParityResult,
+    Tolerance,
+    build_cases,
+    compare,
+    eager_outputs,
+    format_table,
+)
+from project.inference.backends import FORMATS
+from project.utils import atomic_write_text, sha256_file
+
+FILES = {
+    "torchscript": "model{suffix}.ts",
+    "aoti": "model{suffix}.pt2",
+    "onnx": "model{suffix}.onnx",
+}
+
+
+class ExportFailed(RuntimeError):
+    """A requested format failed to export or to match the eager graph; nothing was published."""
+
+
+@dataclass
+class ExportResult:
+    """What ``run_export`` published."""
+
+    export_dir: Path
+    manifest: dict[str, Any]
+    parity: list[ParityResult]
+
+
+def find_run_dir(log_dir: Path) -> Path:
+    """The newest training run under ``log_dir`` (one with ``config.yaml`` and checkpoints)."""
+    runs = [p.parent for p in log_dir.glob("**/config.yaml") if (p.parent / "checkpoints").is_dir()]
+    if not runs:
+        raise CheckpointError(
+            f"no training run with checkpoints under {log_dir}; train one first "
+            "(python scripts/train.py) or give run_dir=<run directory>"
+        )
+    return max(runs, key=lambda p: (p / "config.yaml").stat().st_mtime)
+
+
+def find_checkpoint(run_dir: Path, which: str) -> tuple[Path, str | None]:
+    """The checkpoint ``which`` (``best``, ``last`` or a path) of a run, with its recorded hash.
+
+    ``best`` is the run's best checkpoint per ``metrics.json`` (or the single non-``last``
+    checkpoint); the hash comes from ``checkpoints/sha256.json``, written as each checkpoint
+    is saved.
+    """
+    ckpt_dir = run_dir / "checkpoints"
+    if which not in ("best", "last"):
+        path = Path(which)
+    elif which == "last":
+        path = ckpt_dir / "last.ckpt"
+    else:
+        path = None
+        metrics = run_dir / "metrics.json"
+        if metrics.is_file():
+            best = json.loads(metrics.read_text()).get("best_checkpoint")
+            path = Path(best) if best else None
+        if path is None or not path.is_file():
+            others = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt")
+            path = others[-1] if others else ckpt_dir / "last.ckpt"
+    if not path.is_file():
+        found = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+        raise CheckpointError(
+            f"run {run_dir}: checkpoint {which!r} not found (looked for {path}); checkpoints "
+            f"there: {found or 'none'}. Give ckpt=last or ckpt=<path>."
+        )
+    hashes_file = path.parent / "sha256.json"
+    hashes = json.loads(hashes_file.read_text()) if hashes_file.is_file() else {}
+    return path, hashes.get(path.name)
+
+
+def validation_rows(run_dir: Path, contract: InputContract) -> ColumnarData:
+    """The run's validation split, rebuilt from its resolved config, as raw SoA columns.
+
+    Raises ``CheckpointError`` if the run's data contract is not the checkpoint's.
+    """
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("validate")
+    data_contract = datamodule.contract
+    if (
+        data_contract.input_names != contract.input_names
+        or data_contract.classes != contract.classes
+    ):
+        raise CheckpointError(
+            f"the checkpoint's contract (inputs {contract.input_names}, classes "
+            f"{list(contract.classes)}) is not the contract of run {run_dir} (inputs "
+            f"{data_contract.input_names}, classes {list(data_contract.classes)}): the checkpoint "
+            "belongs to another model or data configuration"
+        )
+    return datamodule.splits["val"]
+
+
+def _example(rows: ColumnarData, contract: InputContract, device: str) -> tuple[torch.Tensor, ...]:
+    # Five rows with several objects: sizes of 0 or 1 would be specialised into the graph.
+    order = (
+        np.argsort(-np.sum([c.counts for c in rows.jagged.values()], axis=0))
+        if rows.jagged
+        else None
+    )
+    idx = np.sort(order[:5]) if order is not None else np.arange(5)
+    soa = rows.take(idx % len(rows)).to_soa(contract)
+    return tuple(
+        torch.from_numpy(np.ascontiguousarray(soa[n])).to(device) for n in contract.input_names
+    )
+
+
+def _devices(requested: list[str] | str) -> list[str]:
+    if requested == "auto" or requested == ["auto"]:
+        return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    devices = [requested] if isinstance(requested, str) else list(requested)
+    for d in devices:
+        if d not in ("cpu", "cuda"):
+            raise ValueError(f"unknown export device {d!r}; use cpu, cuda or auto")
+        if d == "cuda" and not torch.cuda.is_available():
+            raise ValueError("export.devices asks for cuda but no CUDA device is available")
+    return devices
+
+
+def _export_one(
+    fmt: str, device: str, loaded: LoadedCheckpoint, example: tuple, path: Path, cfg: DictConfig
+) -> dict[str, Any]:
+    graph = loaded.graph.to(device)
+    if fmt == "torchscript":
+        return formats.export_torchscript(graph, example, path)
+    if fmt == "aoti":
+        program = formats.export_program(graph, example, loaded.contract)
+        return formats.export_aoti(program, path, device, cfg.aoti.cpp_threads)
+    return formats.export_onnx(graph, example, loaded.contract, path, cfg.onnx.opset)
+
+
+def _publish(tmp_dir: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished export into place; the old one (if allowed) goes only after."""
+    old = None
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=true or another name=")
+        old = target.with_name(f".{target.name}.old-{int(time.time() * 1e6)}")
+        target.rename(old)
+    tmp_dir.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_export(cfg: DictConfig) -> ExportResult:
+    """Export the run the config names; see ``configs/export.yaml`` for the options."""
+    unknown = [f for f in cfg.formats if f not in FORMATS]
+    if unknown or not cfg.formats:
+        raise ValueError(f"unknown export formats {unknown or '[]'}; choose from {list(FORMATS)}")
+    devices = _devices(cfg.devices if isinstance(cfg.devices, str) else list(cfg.devices))
+    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else find_run_dir(Path(cfg.paths.log_dir))
+    ckpt_path, recorded_hash = find_checkpoint(run_dir, str(cfg.ckpt))
+    loaded = load_checkpoint(ckpt_path, recorded_hash)
+    name = cfg.get("name") or _default_name(run_dir, loaded)
+    out_root = Path(cfg.output_dir)
+    target = out_root / name
+    if target.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=true or another name=")
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_root))
+    except OSError as err:
+        raise PermissionError(f"cannot write exports under {out_root}: {err}") from err
+
+    try:
+        return _export_into(cfg, tmp_dir, target, run_dir, loaded, name, devices)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _export_into(
+    cfg: DictConfig,
+    tmp_dir: Path,
+    target: Path,
+    run_dir: Path,
+    loaded: LoadedCheckpoint,
+    name: str,
+    devices: list[str],
+) -> ExportResult:
+    contract = loaded.contract
+    rows = validation_rows(run_dir, contract)
+    plan = [(f, d) for f in cfg.formats for d in devices if not (f == "onnx" and d != "cpu")]
+
+    artifacts: list[dict[str, Any]] = []
+    for fmt, device in plan:
+        file = FILES[fmt].format(suffix="" if device == "cpu" else f".{device}")
+        path = tmp_dir / file
+        entry: dict[str, Any] = {"format": fmt, "file": file, "device": device}
+        started = time.perf_counter()
+        try:
+            entry.update(
+                _export_one(fmt, device, loaded, _example(rows, contract, device), path, cfg)
+            )
+        except Exception as err:  # reported in the parity table, the export fails below
+            entry["error"] = f"export failed: {type(err).__name__}: {err}"
+        entry["export_seconds"] = round(time.perf_counter() - started, 3)
+        print(
+            f"exported {fmt:<11} {device:<5} in {entry['export_seconds']:7.1f} s"
+            + (f"  ({entry['error'].splitlines()[0][:100]})" if "error" in entry else "")
+        )
+        artifacts.append(entry)
+    loaded.graph.to("cpu")
+
+    sizes = sorted(set(cfg.parity.batch_sizes) | {int(cfg.parity.large_batch)})
+    cases, case_sizes = build_cases(rows, contract, sizes, int(cfg.parity.rowwise))
+    reference = eager_outputs(loaded.graph, cases)
+    results: list[ParityResult] = []
+    for entry in artifacts:
+        tol = Tolerance(**cfg.parity.tolerance[entry["format"]])
+        opts = list(cfg.parity.onnx_optimizations) if entry["format"] == "onnx" else [None]
+        entry["parity"] = []
+        for opt in opts:
+            if "error" in entry:
+                res = ParityResult(
+                    entry["format"],
+                    entry["device"],
+                    entry["file"],
+                    opt,
+                    sizes,
+                    None,
+                    None,
+                    None,
+                    None,
+                    False,
+                    vars(tol),
+                    entry["error"],
+                )
+            else:
+                res = compare(
+                    entry["format"],
+                    entry["device"],
+                    tmp_dir / entry["file"],
+                    cases,
+                    case_sizes,
+                    reference,
+                    tol,
+                    opt,
+                )
+            results.append(res)
+            entry["parity"].append(res.to_dict())
+        entry["passed"] = all(p["passed"] for p in entry["parity"])
+        if (tmp_dir / entry["file"]).is_file():
+            entry["sha256"] = sha256_file(tmp_dir / entry["file"])
+            entry["bytes"] = (tmp_dir / entry["file"]).stat().st_size
+        entry["dynamic_dims"] = formats.dim_names(contract)
+    table = format_table(results)
+    print(table)
+
+    golden = rows.take(np.arange(min(int(cfg.golden_rows), len(rows))))
+    golden_in = {n: np.ascontiguousarray(a) for n, a in golden.to_soa(contract).items()}
+    with torch.inference_mode():
+        golden_out = loaded.graph(*(torch.from_numpy(golden_in[n]) for n in contract.input_names))
+    np.savez(
+        tmp_dir / "golden.npz",
+        **golden_in,
+        **{o: t.numpy() for o, t in zip(contract.outputs, golden_out, strict=True)},
+        labels=golden.labels,
+    )
+
+    all_passed = all(e["passed"] for e in artifacts)
+    any_passed = any(e["passed"] for e in artifacts)
+    published = [e for e in artifacts if "sha256" in e]
+    manifest = {
+        "schema_version": MANIFEST_VERSION,
+        "name": name,
+        "created": now_utc(),
+        "contract": contract.to_dict(),
+        "inputs": [
+            {
+                "name": n,
+                "dtype": contract.input_dtypes[n],
+                "shape": [formats.dim_names(contract)[n]],
+            }
+            for n in contract.input_names
+        ],
+        "outputs": [
+            {
+                "name": o,
+                "dtype": "float32",
+                "shape": ["batch"],
+                "meaning": f"probability of class {c!r}",
+            }
+            for o, c in zip(contract.outputs, contract.classes, strict=True)
+        ],
+        "artifacts": published,
+        "parity": {
+            "passed": all_passed,
+            "table": table,
+            "cases": {k: v for k, v in case_sizes.items() if not k.startswith("row")},
+            "rowwise_rows": sum(k.startswith("row") for k in case_sizes),
+            "reference": "eager deploy graph, float32, CPU",
+        },
+        "golden": {
+            "file": "golden.npz",
+            "sha256": sha256_file(tmp_dir / "golden.npz"),
+            "rows": len(golden),
+        },
+        "source": {
+            "run_dir": str(run_dir.resolve()),
+            "checkpoint": str(loaded.path.resolve()),
+            "checkpoint_sha256": loaded.sha256,
+            "net": loaded.net_config,
+        },
+        "provenance": provenance(Path(__file__).resolve().parents[3]),
+        "allow_partial": bool(cfg.allow_partial),
+        "failed_artifacts": [f"{e['format']}/{e['device']}" for e in artifacts if not e["passed"]],
+    }
+    manifest["provenance"]["cpu_isa"] = formats.cpu_isa()
+    validate_manifest(manifest)
+    atomic_write_text(tmp_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+    if not all_passed and not (cfg.allow_partial and any_passed):
+        failed = ", ".join(f"{e['format']}/{e['device']}" for e in artifacts if not e["passed"])
+        raise ExportFailed(
+            f"{failed} failed (see the table above); nothing was published to {target}. "
+            "Pass allow_partial=true to publish the formats that passed."
+        )
+    _publish(tmp_dir, target, bool(cfg.overwrite))
+    print(f"published {target}")
+    return ExportResult(target, manifest, results)
+
+
+def _default_name(run_dir: Path, loaded: LoadedCheckpoint) -> str:
+    hydra_cfg = run_dir / ".hydra" / "hydra.yaml"
+    if hydra_cfg.is_file():
+        choice = OmegaConf.load(hydra_cfg).hydra.runtime.choices.get("model")
+        if choice:
+            return str(choice)
+    return str(loaded.net_config["_target_"]).rsplit(".", 1)[-1].lower()

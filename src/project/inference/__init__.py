@@ -1,0 +1,1 @@
+"""Standalone inference runtime: numpy, torch and onnxruntime only (no Lightning, Hydra, uproot)."""

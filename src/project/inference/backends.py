@@ -1,0 +1,119 @@
+"""Raw backends: one exported artifact, inputs in graph order, outputs in graph order.
+
+These are the thinnest possible wrappers around ``torch.jit.load``,
+``torch._inductor.aoti_load_package`` and ``onnxruntime.InferenceSession``. The export's parity
+check runs them in a child process; ``project.inference`` builds the SoA interface on top.
+Inputs and outputs are torch tensors (CPU or the artifact's device); tensors share memory
+with numpy arrays through ``torch.from_numpy``, so nothing here copies a contiguous input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from project.inference.threads import ThreadPolicy, onnx_session_options
+
+FORMATS = ("torchscript", "aoti", "onnx")
+
+
+class Backend:
+    """An artifact ready to run. ``__call__(inputs) -> outputs``, both lists of tensors."""
+
+    format: str = ""
+    device: str = "cpu"
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class TorchScriptBackend(Backend):
+    """A TorchScript module loaded with ``torch.jit.load`` onto ``device``."""
+
+    format = "torchscript"
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        self.device = device
+        self.module = torch.jit.load(str(path), map_location=device)
+        self.module.eval()
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run with gradients off; outputs stay on the module's device."""
+        with torch.inference_mode():
+            return list(self.module(*inputs))
+
+
+class AOTIBackend(Backend):
+    """An AOTInductor package loaded with ``torch._inductor.aoti_load_package``.
+
+    Loading compiled code can crash the process on some torch builds; callers that must
+    survive that (the export's parity check) load it in a child process.
+    """
+
+    format = "aoti"
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        import torch._inductor
+
+        self.device = device
+        self.runner = torch._inductor.aoti_load_package(str(path))
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the compiled graph."""
+        with torch.inference_mode():
+            return list(self.runner(*inputs))
+
+
+class OnnxBackend(Backend):
+    """An ONNX Runtime session under a thread policy, on the CPU execution provider."""
+
+    format = "onnx"
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        policy: ThreadPolicy | None = None,
+        optimization: str = "all",
+    ) -> None:
+        import onnxruntime as ort
+
+        if device != "cpu":
+            raise ValueError(
+                f"ONNX artifacts run on the CPU execution provider here, not {device!r}"
+            )
+        self.device = device
+        self.optimization = optimization
+        options = onnx_session_options(policy or ThreadPolicy.single(), optimization)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the session; numpy views of the tensors are handed over without copies."""
+        feed = {name: _numpy_view(t) for name, t in zip(self.input_names, inputs, strict=True)}
+        return [torch.from_numpy(o) for o in self.session.run(self.output_names, feed)]
+
+
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def open_backend(
+    fmt: str,
+    path: str | Path,
+    device: str = "cpu",
+    policy: ThreadPolicy | None = None,
+    onnx_optimization: str = "all",
+) -> Backend:
+    """Open an artifact of format ``fmt`` (``torchscript``, ``aoti`` or ``onnx``)."""
+    if fmt == "torchscript":
+        return TorchScriptBackend(path, device)
+    if fmt == "aoti":
+        return AOTIBackend(path, device)
+    if fmt == "onnx":
+        return OnnxBackend(path, device, policy, onnx_optimization)
+    raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")

@@ -1,0 +1,109 @@
+"""The single-threaded deployment policy (DESIGN.md: the host framework owns the threads).
+
+A C++ framework such as CMSSW runs many events at once, one thread each; a model that spawns
+its own thread pool oversubscribes the machine. The policy is: PyTorch intra-op and inter-op
+threads set to 1 before any parallel work, ONNX Runtime with one intra-op thread, one inter-op
+thread and sequential execution.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+class ThreadPolicyError(RuntimeError):
+    """The requested threading policy cannot be applied in this process."""
+
+
+@dataclass(frozen=True)
+class ThreadPolicy:
+    """How many threads a loaded model may use.
+
+    ``intra_op`` and ``inter_op`` apply to PyTorch (process-wide) and to each ONNX Runtime
+    session; ``None`` leaves PyTorch's setting as it is.
+    """
+
+    intra_op: int | None = 1
+    inter_op: int | None = 1
+
+    @classmethod
+    def single(cls) -> ThreadPolicy:
+        """One thread for everything: the deployment default."""
+        return cls(1, 1)
+
+    @classmethod
+    def unrestricted(cls) -> ThreadPolicy:
+        """Leave PyTorch's thread pools alone (notebooks, offline batch jobs)."""
+        return cls(None, None)
+
+    @property
+    def name(self) -> str:
+        """``single``, ``unrestricted`` or ``intra=N,inter=M``."""
+        if (self.intra_op, self.inter_op) == (1, 1):
+            return "single"
+        if (self.intra_op, self.inter_op) == (None, None):
+            return "unrestricted"
+        return f"intra={self.intra_op},inter={self.inter_op}"
+
+
+_lock = threading.Lock()
+
+
+def apply_torch_policy(policy: ThreadPolicy) -> dict[str, int]:
+    """Set PyTorch's thread pools to ``policy`` once per process and check the result.
+
+    ``torch.set_num_interop_threads`` only works before any inter-op work has started; if it is
+    too late and the pool has a different size, this raises ``ThreadPolicyError`` rather than
+    run with the wrong policy. Returns the observed ``{"intra_op": n, "inter_op": m}``.
+    """
+    with _lock:
+        if policy.intra_op is not None and torch.get_num_threads() != policy.intra_op:
+            torch.set_num_threads(policy.intra_op)
+        if policy.inter_op is not None and torch.get_num_interop_threads() != policy.inter_op:
+            try:
+                torch.set_num_interop_threads(policy.inter_op)
+            except RuntimeError as err:
+                raise ThreadPolicyError(
+                    f"cannot set PyTorch inter-op threads to {policy.inter_op}: the pool already "
+                    f"runs with {torch.get_num_interop_threads()} threads ({err}). Load the model "
+                    "(or call apply_torch_policy) before any other PyTorch work in this process, "
+                    "or choose ThreadPolicy.unrestricted() explicitly."
+                ) from err
+        observed = {
+            "intra_op": torch.get_num_threads(),
+            "inter_op": torch.get_num_interop_threads(),
+        }
+    for key in ("intra_op", "inter_op"):
+        wanted = getattr(policy, key)
+        if wanted is not None and observed[key] != wanted:
+            raise ThreadPolicyError(
+                f"PyTorch {key} threads are {observed[key]}, policy wants {wanted}"
+            )
+    return observed
+
+
+def onnx_session_options(policy: ThreadPolicy, optimization: str = "all") -> object:
+    """``onnxruntime.SessionOptions`` for ``policy``; ``optimization`` is ``all`` or ``none``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = policy.intra_op or 0
+    options.inter_op_num_threads = policy.inter_op or 0
+    if policy.inter_op == 1:
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if policy.intra_op == 1:
+        # No spinning worker threads: there are none to spin.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    levels = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
+    if optimization not in levels:
+        raise ValueError(
+            f"unknown ONNX optimisation level {optimization!r}; use one of {list(levels)}"
+        )
+    options.graph_optimization_level = levels[optimization]
+    return options
