@@ -29,11 +29,9 @@ class _Block(nn.Module):
     def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
         """``x`` ``(batch, seq, dim)``; ``key_mask`` ``(batch, seq)``, True where attendable."""
         b, s, d = x.shape
-        q, k, v = (
-            self.qkv(self.norm1(x))
-            .reshape(b, s, 3, self.heads, d // self.heads)
-            .permute(2, 0, 3, 1, 4)
-        )
+        qkv = self.qkv(self.norm1(x)).reshape(b, s, 3, self.heads, d // self.heads)
+        # unbind, not tuple unpacking: iterating over a tensor is not traceable.
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         attn_mask = key_mask[:, None, None, :]  # broadcast over heads and queries
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
