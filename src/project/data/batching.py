@@ -10,7 +10,9 @@ sees, and moving a batch to a GPU moves only the batch.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from queue import Empty, Queue
 
 import numpy as np
 import torch
@@ -21,7 +23,14 @@ from project.data.contract import InputContract
 
 
 class SoATensors:
-    """One split as torch tensors, sharing memory with the numpy arrays it came from."""
+    """One split as torch tensors, sharing memory with the numpy arrays it came from.
+
+    On the CPU a batch's objects are gathered compactly (``n_total`` objects, exactly the
+    deployed graph's input). When the split lives on a GPU (``to(device)``) the gather has a
+    fixed size of ``batch * max_length`` slots per field, so forming a batch needs no host
+    synchronisation; the slots past ``offsets[-1]`` belong to no row, and the assembler never
+    reads them. Both forms assemble to identical padded tensors.
+    """
 
     def __init__(self, data: ColumnarData, contract: InputContract) -> None:
         self.contract = contract
@@ -36,24 +45,68 @@ class SoATensors:
         }
         self.labels = None if data.labels is None else torch.from_numpy(data.labels)
 
-    def batch(self, rows: Tensor) -> dict[str, Tensor]:
-        """The SoA batch of ``rows`` (an int64 index tensor)."""
+    @property
+    def device(self) -> torch.device:
+        """Where the columns live."""
+        return next(iter(self.flat.values() or self.offsets.values())).device
+
+    def nbytes(self) -> int:
+        """Memory the columns occupy."""
+        tensors = [*self.flat.values(), *self.offsets.values()]
+        tensors += [t for fields in self.fields.values() for t in fields]
+        if self.labels is not None:
+            tensors.append(self.labels)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device | str) -> SoATensors:
+        """Move every column to ``device`` (in place) and return ``self``."""
+        self.flat = {k: v.to(device) for k, v in self.flat.items()}
+        self.offsets = {k: v.to(device) for k, v in self.offsets.items()}
+        self.fields = {k: [v.to(device) for v in f] for k, f in self.fields.items()}
+        self.labels = None if self.labels is None else self.labels.to(device)
+        return self
+
+    def batch(self, rows: Tensor, fixed_size: bool | None = None) -> dict[str, Tensor]:
+        """The SoA batch of ``rows`` (an int64 index tensor on the columns' device).
+
+        ``fixed_size`` selects the synchronisation-free gather described in the class
+        docstring; by default it is used on accelerators only.
+        """
+        rows = rows.to(self.device)
+        if fixed_size is None:
+            fixed_size = self.device.type != "cpu"
         out = {name: col[rows] for name, col in self.flat.items()}
         for coll in self.contract.jagged:
             offsets = self.offsets[coll.name]
             starts = offsets[:-1][rows]
             counts = (offsets[1:][rows] - starts).clamp_max(coll.max_length)
-            local = torch.zeros(len(rows) + 1, dtype=torch.int64)
+            local = torch.zeros(len(rows) + 1, dtype=torch.int64, device=rows.device)
             torch.cumsum(counts, 0, out=local[1:])
-            objects = torch.repeat_interleave(starts - local[:-1], counts) + torch.arange(
-                int(local[-1]), dtype=torch.int64
-            )
+            if fixed_size:
+                objects = _fixed_size_objects(starts, local, coll.max_length)
+            else:
+                objects = torch.repeat_interleave(starts - local[:-1], counts) + torch.arange(
+                    int(local[-1]), dtype=torch.int64
+                )
             out[coll.offsets_name] = local
             for feat, values in zip(coll.fields, self.fields[coll.name], strict=True):
-                out[coll.field_input_name(feat.name)] = values[objects]
+                if values.numel() == 0:  # no objects anywhere: nothing to gather from
+                    out[coll.field_input_name(feat.name)] = values.new_zeros(objects.shape)
+                else:
+                    out[coll.field_input_name(feat.name)] = values[
+                        objects.clamp_max(values.numel() - 1)
+                    ]
         if self.labels is not None:
             out["label"] = self.labels[rows]
         return out
+
+
+def _fixed_size_objects(starts: Tensor, local: Tensor, max_length: int) -> Tensor:
+    """Source object index for each of ``batch * max_length`` slots, by searchsorted (no
+    host sync). Slot ``j`` belongs to the row whose local range contains it."""
+    slots = torch.arange(len(starts) * max_length, device=starts.device, dtype=torch.int64)
+    row = torch.searchsorted(local[1:], slots, right=True).clamp_max(len(starts) - 1)
+    return starts[row] + (slots - local[row])
 
 
 class EpochSampler:
@@ -99,7 +152,13 @@ class EpochSampler:
 
 
 class SoABatchLoader:
-    """An iterable of SoA batches for Lightning (``len`` and ``sampler.set_epoch`` supported)."""
+    """An iterable of SoA batches for Lightning (``len`` and ``sampler.set_epoch`` supported).
+
+    With the columns on the training device, an epoch's row order is copied there once and
+    every batch is sliced on the device. With host columns, ``prefetch`` batches are formed
+    ahead in a background thread (torch releases the GIL in the gathers) and pinned when
+    ``pin_memory`` is set, so the copy to a GPU can overlap the previous step.
+    """
 
     def __init__(
         self,
@@ -108,11 +167,12 @@ class SoABatchLoader:
         sampler: EpochSampler,
         drop_last: bool = False,
         pin_memory: bool = False,
+        prefetch: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tensors, self.batch_size, self.sampler = tensors, batch_size, sampler
-        self.drop_last, self.pin_memory = drop_last, pin_memory
+        self.drop_last, self.pin_memory, self.prefetch = drop_last, pin_memory, prefetch
         # Lightning inspects DataLoader-like attributes; batches are formed here, not by a
         # torch batch sampler.
         self.batch_sampler = None
@@ -121,10 +181,48 @@ class SoABatchLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        rows = self.sampler.rows()
+    def _batches(self) -> Iterator[dict[str, Tensor]]:
+        rows = self.sampler.rows().to(self.tensors.device)
         for i in range(len(self)):
             batch = self.tensors.batch(rows[i * self.batch_size : (i + 1) * self.batch_size])
-            if self.pin_memory:
+            if self.pin_memory and self.tensors.device.type == "cpu":
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             yield batch
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        if self.prefetch <= 0 or self.tensors.device.type != "cpu":
+            yield from self._batches()
+            return
+        yield from _prefetched(self._batches(), self.prefetch)
+
+
+def _prefetched(batches: Iterator[dict[str, Tensor]], depth: int) -> Iterator[dict[str, Tensor]]:
+    """Run ``batches`` in a daemon thread, ``depth`` items ahead; errors are re-raised here."""
+    done = object()
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                queue.put(batch)
+            queue.put(done)
+        except BaseException as err:  # handed to the consumer
+            queue.put(err)
+
+    thread = threading.Thread(target=produce, daemon=True, name="soa-prefetch")
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                queue.get_nowait()
+            except Empty:
+                thread.join(timeout=0.01)

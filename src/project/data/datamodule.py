@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 
 from project.data.batching import EpochSampler, SoABatchLoader, SoATensors
 from project.data.columnar import ColumnarData, gather_objects
@@ -72,8 +73,15 @@ class SoADataModule(L.LightningDataModule):
         Rows per training and per evaluation batch (per device).
     drop_last
         Drop the last incomplete training batch.
+    resident
+        Keep the splits on the training GPU and slice batches there: ``True``, ``False`` or
+        ``"auto"`` (when a split takes under ``resident_fraction`` of the free device memory).
+    resident_fraction
+        Share of free device memory the splits may use under ``resident="auto"``.
+    prefetch
+        Host batches formed ahead in a background thread when the data is not resident.
     pin_memory
-        Pin host batches for asynchronous copies to a GPU.
+        Pin host batches for asynchronous copies; ``None`` pins whenever training on a GPU.
     """
 
     def __init__(
@@ -85,7 +93,10 @@ class SoADataModule(L.LightningDataModule):
         batch_size: int = 256,
         eval_batch_size: int = 1024,
         drop_last: bool = False,
-        pin_memory: bool = False,
+        resident: bool | str = "auto",
+        resident_fraction: float = 0.25,
+        prefetch: int = 2,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -94,7 +105,15 @@ class SoADataModule(L.LightningDataModule):
         )
         self.split, self.seed = tuple(split), seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.drop_last, self.pin_memory = drop_last, pin_memory
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(
+                f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size} and "
+                f"{eval_batch_size}"
+            )
+        if resident not in (True, False, "auto"):
+            raise ValueError(f"resident must be true, false or auto, got {resident!r}")
+        self.drop_last, self.pin_memory, self.prefetch = drop_last, pin_memory, prefetch
+        self.resident, self.resident_fraction = resident, resident_fraction
         self.contract: InputContract | None = None
         self.splits: dict[str, ColumnarData] = {}
         self._tensors: dict[str, SoATensors] = {}
@@ -127,17 +146,34 @@ class SoADataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _place(self, tensors: SoATensors, device: torch.device) -> SoATensors:
+        """Move a split to the accelerator if the ``resident`` setting says so."""
+        if device.type == "cpu" or tensors.device == device or self.resident is False:
+            return tensors
+        if self.resident == "auto":
+            free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
+            if tensors.nbytes() > self.resident_fraction * free:
+                return tensors
+        return tensors.to(device)
+
     def _loader(self, name: str, shuffle: bool) -> SoABatchLoader:
         self.setup()
         rank, world = self._rank()
-        tensors = self._tensors[name]
+        device = self._device()
+        tensors = self._tensors[name] = self._place(self._tensors[name], device)
         sampler = EpochSampler(tensors.n_rows, shuffle, self.seed, rank, world)
+        pin = self.pin_memory if self.pin_memory is not None else device.type == "cuda"
         return SoABatchLoader(
             tensors,
             self.batch_size if shuffle else self.eval_batch_size,
             sampler,
             drop_last=self.drop_last and shuffle,
-            pin_memory=self.pin_memory,
+            pin_memory=pin and tensors.device.type == "cpu",
+            prefetch=self.prefetch if device.type != "cpu" else 0,
         )
 
     def train_dataloader(self) -> SoABatchLoader:
