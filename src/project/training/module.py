@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.aggregation import CatMetric
+from torchmetrics.aggregation import CatMetric, MeanMetric
 from torchmetrics.classification import AUROC, Accuracy
 
 from project.data.contract import InputContract
@@ -109,6 +109,7 @@ class ClassifierModule(L.LightningModule):
         )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self.train_loss = MeanMetric()
         self.test_probs = CatMetric()
         self.test_labels = CatMetric()
         self._forward_net = self.model
@@ -130,15 +131,12 @@ class ClassifierModule(L.LightningModule):
         """One optimisation step's loss."""
         logits = self(batch)
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
-        self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=len(batch["label"]),
-        )
+        # The hot path stays free of host synchronisation: the step value goes to the logger
+        # only every log_every_n_steps (not to the progress bar, which reads it every step),
+        # and the epoch mean is a metric reduced across ranks once per epoch.
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
+        self.train_loss.update(loss.detach())
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:

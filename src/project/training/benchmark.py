@@ -1,0 +1,199 @@
+"""``scripts/benchmark.py train``: the template's training path against a hand-written loop.
+
+Both sides train the same network (built from the same model config), with the same
+optimiser, batch size, precision and data, for a fixed number of steps after a warm-up:
+
+(a) ``template``: the real ``SoADataModule`` + ``ClassifierModule`` + Lightning ``Trainer``
+    composed from ``configs/`` (validation, checkpoints and the progress bar off, a CSV
+    logger on), on any number of devices;
+(b) ``handwritten``: a minimal PyTorch loop over GPU-resident (or host) tensors that were
+    assembled once, sliced by a device-side permutation: the ceiling the plumbing can reach.
+
+Throughput is rows per second over the timed steps, summed over all devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+class StepTimer(L.Callback):
+    """Wall time from the start of step ``warmup`` to the end of training, device-synchronised."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: float | None = None
+        self.seconds = 0.0
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Start the clock once the warm-up steps are done."""
+        if trainer.global_step == self.warmup and self.start is None:
+            self._sync(pl_module)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stop the clock."""
+        self._sync(pl_module)
+        if self.start is not None:
+            self.seconds = time.perf_counter() - self.start
+
+
+def compose_benchmark(args: argparse.Namespace, output_dir: Path) -> DictConfig:
+    """The training config of one benchmark case (toy data of ``args.rows`` rows)."""
+    overrides = [
+        "data=toy",
+        f"data.source.n_jets={args.rows}",
+        "data.split=[0.98,0.01,0.01]",
+        f"data.batch_size={args.batch_size}",
+        f"model={args.model}",
+        f"trainer.accelerator={args.accelerator}",
+        f"trainer.devices={args.devices}",
+        f"trainer.precision={args.precision}",
+        f"model.compile={str(args.compile).lower()}",
+        "logger=csv",
+        *args.overrides,
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.trainer.max_steps = args.warmup + args.steps
+        cfg.trainer.max_epochs = -1
+        cfg.trainer.limit_val_batches = 0
+        cfg.trainer.num_sanity_val_steps = 0
+        cfg.trainer.enable_checkpointing = False
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_model_summary = False
+    return cfg
+
+
+def run_template(cfg: DictConfig, warmup: int, steps: int) -> dict[str, Any]:
+    """Train through the template's path; rows/s over the timed steps, all ranks together."""
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    model = hydra.utils.instantiate(cfg.model, contract=datamodule.contract.to_dict())
+    timer = StepTimer(warmup)
+    loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer], logger=loggers)
+    trainer.fit(model, datamodule=datamodule)
+    rows = steps * cfg.data.batch_size * trainer.world_size
+    return {
+        "rows_per_s": rows / timer.seconds if timer.seconds else float("nan"),
+        "world_size": trainer.world_size,
+        "is_global_zero": trainer.is_global_zero,
+        "resident": datamodule._tensors["train"].device.type != "cpu",
+    }
+
+
+def run_handwritten(cfg: DictConfig, warmup: int, steps: int, device: str) -> dict[str, Any]:
+    """The same network, optimiser and data in a minimal loop over pre-assembled tensors."""
+    from project.training.module import build_classifier
+
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    contract = datamodule.contract
+    model = build_classifier(contract, dict(cfg.model.net)).to(device)
+    train = datamodule._tensors["train"]
+    with torch.no_grad():  # assemble every row once, then only slice
+        full = train.batch(torch.arange(train.n_rows), fixed_size=False)
+        flat, jagged, masks = model.assembler([full[n] for n in contract.input_names])
+    flat, labels = flat.to(device), full["label"].to(device)
+    jagged, masks = [j.to(device) for j in jagged], [m.to(device) for m in masks]
+    optimizer = hydra.utils.instantiate(cfg.model.optimizer)(params=model.net.parameters())
+    amp = cfg.trainer.precision == "bf16-mixed"
+    batch = int(cfg.data.batch_size)
+    order = torch.randperm(train.n_rows, device=device)
+    position = 0
+
+    def step() -> None:
+        nonlocal order, position
+        if position + batch > train.n_rows:
+            order, position = torch.randperm(train.n_rows, device=device), 0
+        idx = order[position : position + batch]
+        position += batch
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            logits = model.net(flat[idx], [j[idx] for j in jagged], [m[idx] for m in masks])
+            loss = F.cross_entropy(logits.float(), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    for _ in range(warmup):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"rows_per_s": steps * batch / (time.perf_counter() - start)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``benchmark.py train``."""
+    parser.add_argument("--model", default="mlp", help="model config: mlp, deepsets, transformer")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=200_000, help="toy rows generated")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--precision", default="32-true", help="32-true or bf16-mixed")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--skip-handwritten", action="store_true")
+    parser.add_argument("--json", type=Path, help="append the result as a JSON line here")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the template")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run both sides and print one table row (rank zero only under DDP)."""
+    os.environ.setdefault("PROJECT_ROOT", str(CONFIG_DIR.parent))
+    out = Path(os.environ.get("BENCHMARK_DIR", "logs/benchmark")) / f"{args.model}-{args.devices}"
+    cfg = compose_benchmark(args, out)
+    template = run_template(cfg, args.warmup, args.steps)
+    if not template["is_global_zero"]:
+        return 0
+    device = "cuda" if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu"
+    hand = None
+    if not args.skip_handwritten:
+        hand = run_handwritten(cfg, args.warmup, args.steps, device)["rows_per_s"]
+    row = {
+        "model": args.model, "device": device, "devices": template["world_size"],
+        "precision": args.precision, "compile": args.compile, "batch": args.batch_size,
+        "resident": template["resident"], "template_rows_s": round(template["rows_per_s"]),
+        "handwritten_rows_s": None if hand is None else round(hand),
+        "ratio": None if hand is None else round(template["rows_per_s"] / hand, 3),
+    }  # fmt: skip
+    print(
+        f"{'model':<12}{'device':<7}{'n':>3} {'precision':<11}{'batch':>6}{'resident':>9}"
+        f"{'template rows/s':>17}{'loop rows/s':>13}{'ratio':>7}"
+    )
+    print(
+        f"{row['model']:<12}{row['device']:<7}{row['devices']:>3} {row['precision']:<11}"
+        f"{row['batch']:>6}{row['resident']!s:>9}{row['template_rows_s']:>17}"
+        f"{row['handwritten_rows_s'] or '-':>13}{row['ratio'] or '-':>7}"
+    )
+    if args.json:
+        with args.json.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    return 0
