@@ -40,3 +40,9 @@ format: $(STAMP)
 
 clean-runs:
 	rm -rf logs outputs multirun
+
+# The C++ consumer (cpp/): libtorch from the wheel, built into build/cpp, rebuilt only when
+# its sources change; `make test` builds it too. Usage: build/cpp/replay EXPORT_DIR GOLDEN_DIR
+.PHONY: cpp
+cpp: $(STAMP)
+	$(BIN)/python cpp/build.py

@@ -72,7 +72,7 @@ def compose_export(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-MODELS = ("mlp", "deepsets", "transformer")
+MODELS = tuple(sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")))  # configs/model/*
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from project.data.columnar import ColumnarData, gather_objects
 from project.data.contract import ContractError, InputContract
 from project.data.sources import Source
 from project.soa.assembler import LOG_FLOOR
+
+log = logging.getLogger(__name__)
 
 
 def split_rows(n_rows: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -166,6 +169,12 @@ class SoADataModule(L.LightningDataModule):
         device = self._device()
         tensors = self._tensors[name] = self._place(self._tensors[name], device)
         sampler = EpochSampler(tensors.n_rows, shuffle, self.seed, rank, world)
+        if shuffle:
+            first = sampler.rows()[:3].tolist()
+            log.info(
+                f"rank {rank}/{world}: {len(sampler)} of {tensors.n_rows} training rows per epoch "
+                f"(epoch 0 starts with rows {first}), data on {tensors.device}"
+            )
         pin = self.pin_memory if self.pin_memory is not None else device.type == "cuda"
         return SoABatchLoader(
             tensors,

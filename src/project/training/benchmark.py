@@ -110,11 +110,12 @@ def run_handwritten(cfg: DictConfig, warmup: int, steps: int, device: str) -> di
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     contract = datamodule.contract
-    model = build_classifier(contract, dict(cfg.model.net)).to(device)
+    model = build_classifier(contract, dict(cfg.model.net))
     train = datamodule._tensors["train"]
-    with torch.no_grad():  # assemble every row once, then only slice
+    with torch.no_grad():  # assemble every row once (on the host), then only slice
         full = train.batch(torch.arange(train.n_rows), fixed_size=False)
         flat, jagged, masks = model.assembler([full[n] for n in contract.input_names])
+    model = model.to(device)
     flat, labels = flat.to(device), full["label"].to(device)
     jagged, masks = [j.to(device) for j in jagged], [m.to(device) for m in masks]
     optimizer = hydra.utils.instantiate(cfg.model.optimizer)(params=model.net.parameters())

@@ -1,0 +1,282 @@
+// Replays an export's golden set through its TorchScript and AOTInductor artifacts from C++:
+// at batch 1 (one row per call, as a framework module sees one jet) and at the full golden
+// batch; prints max |diff| against the expected outputs and the latency per call on one
+// thread, optionally checks that N threads sharing the model reproduce the one-thread results,
+// and exits 1 on any difference beyond the manifest's tolerance (2 on errors).
+//
+//   replay EXPORT_DIR GOLDEN_DIR [--format torchscript|aoti|all] [--threads N] [--min-time S]
+//
+// GOLDEN_DIR is golden.npz unpacked by unpack_golden.py into raw little-endian arrays plus an
+// index.json: reading numpy's zip container is not this program's business.
+#include "soa_model.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/equal.h>
+#include <nlohmann/json.hpp>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <barrier>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+struct Golden {
+  int64_t rows = 0;
+  std::map<std::string, std::vector<float>> f32;
+  std::map<std::string, std::vector<int64_t>> i64;
+};
+
+template <typename T>
+std::vector<T> read_raw(const std::filesystem::path& path, int64_t n) {
+  std::vector<T> v(static_cast<size_t>(n));
+  std::ifstream in(path, std::ios::binary);
+  in.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n * sizeof(T)));
+  if (!in || in.peek() != EOF) throw std::runtime_error(path.string() + " is not " +
+                                                        std::to_string(n) + " values");
+  return v;
+}
+
+Golden read_golden(const std::filesystem::path& dir) {
+  std::ifstream in(dir / "index.json");
+  if (!in) throw std::runtime_error("no index.json in " + dir.string() + " (run unpack_golden.py)");
+  const json index = json::parse(in);
+  Golden g;
+  g.rows = index.at("rows");
+  for (const auto& [name, a] : index.at("arrays").items()) {
+    int64_t n = 1;
+    for (int64_t d : a.at("shape")) n *= d;
+    const auto path = dir / a.at("file").get<std::string>();
+    if (a.at("dtype") == "float32") g.f32[name] = read_raw<float>(path, n);
+    else if (a.at("dtype") == "int64") g.i64[name] = read_raw<int64_t>(path, n);
+  }
+  return g;
+}
+
+const std::vector<float>& f32(const Golden& g, const std::string& name) {
+  auto it = g.f32.find(name);
+  if (it == g.f32.end()) throw std::runtime_error("golden set has no float32 array " + name);
+  return it->second;
+}
+
+// The whole golden batch as a framework would hand it over: pointers into its columns.
+soa::SoAView full_view(const soa::Model& model, const Golden& g) {
+  soa::SoAView view;
+  for (const auto& in : model.input_specs()) {
+    if (in.is_offsets) view.collections[in.column].offsets = g.i64.at(in.name);
+    else if (!in.field.empty()) view.collections[in.column].fields[in.field] = f32(g, in.name);
+    else view.columns[in.column] = f32(g, in.name);
+  }
+  return view;
+}
+
+// Row i alone: sub-spans of the same columns; a collection's offsets become {0, n_i}, kept in
+// `offsets` (two entries per collection per row, sized before any span points into it).
+std::vector<soa::SoAView> row_views(const soa::SoAView& full, int64_t rows,
+                                    std::vector<int64_t>& offsets) {
+  offsets.assign(static_cast<size_t>(rows) * full.collections.size() * 2, 0);
+  std::vector<soa::SoAView> views(static_cast<size_t>(rows));
+  size_t k = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    auto& v = views[static_cast<size_t>(i)];
+    for (const auto& [name, col] : full.columns) v.columns[name] = col.subspan(i, 1);
+    for (const auto& [name, coll] : full.collections) {
+      const int64_t begin = coll.offsets[i], n = coll.offsets[i + 1] - begin;
+      offsets[k + 1] = n;
+      auto& c = v.collections[name];
+      c.offsets = std::span<const int64_t>(&offsets[k], 2);
+      k += 2;
+      for (const auto& [field, values] : coll.fields) c.fields[field] = values.subspan(begin, n);
+    }
+  }
+  return views;
+}
+
+struct Check {
+  double max_abs = 0;
+  bool ok = true;
+};
+
+// Outputs of rows [first, first + n): |got - expected| <= abs + rel * |expected| everywhere and
+// finite, the export's parity rule.
+void compare(const std::map<std::string, at::Tensor>& got, const Golden& g, int64_t first,
+             int64_t n, soa::Tolerance tol, Check& check) {
+  for (const auto& [name, t] : got) {
+    const auto& expected = f32(g, name);
+    const at::Tensor c = t.contiguous();
+    if (c.numel() != n) {
+      std::fprintf(stderr, "%s: %lld values for %lld rows\n", name.c_str(),
+                   static_cast<long long>(c.numel()), static_cast<long long>(n));
+      check = {INFINITY, false};
+      continue;
+    }
+    const float* p = c.data_ptr<float>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      const double e = expected[static_cast<size_t>(first + i)], d = std::abs(p[i] - e);
+      if (!std::isfinite(p[i]) || d > tol.abs + tol.rel * std::abs(e)) check.ok = false;
+      check.max_abs = std::max(check.max_abs, std::isfinite(d) ? d : INFINITY);
+    }
+  }
+}
+
+struct Latency {
+  double median_us = 0, mean_us = 0;
+  int64_t calls = 0;
+};
+
+// Latency of fn(i) over calls cycling through i = 0..n-1, after one warm-up pass, for at least
+// min_time seconds and at least n calls. The median is what to quote on a shared machine: other
+// processes' load shows in the mean, not in the typical call.
+template <typename F>
+Latency time_calls(int64_t n, double min_time, F&& fn) {
+  for (int64_t i = 0; i < n; ++i) fn(i);
+  std::vector<double> us;
+  double total = 0;
+  while (static_cast<int64_t>(us.size()) < n || total < min_time * 1e6) {
+    const auto t0 = Clock::now();
+    fn(static_cast<int64_t>(us.size()) % n);
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    total += us.back();
+  }
+  const double mean = total / static_cast<double>(us.size());
+  std::nth_element(us.begin(), us.begin() + static_cast<std::ptrdiff_t>(us.size() / 2), us.end());
+  return {us[us.size() / 2], mean, static_cast<int64_t>(us.size())};
+}
+
+bool identical(const std::map<std::string, at::Tensor>& a,
+               const std::map<std::string, at::Tensor>& b) {
+  for (const auto& [name, t] : a)
+    if (!at::equal(t, b.at(name))) return false;
+  return true;
+}
+
+// Runs one format; returns false on a mismatch.
+bool replay(const std::filesystem::path& export_dir, const Golden& g, soa::Format format,
+            int threads, double min_time) {
+  const std::string tag = "[" + soa::format_name(format) + "]";
+  const auto t0 = Clock::now();
+  const soa::Model model(export_dir, format, threads);
+  const double load_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  const auto tol = model.tolerance();
+  std::printf("%s loaded %s in %.3f s, sha256 verified; tolerance abs=%g rel=%g\n", tag.c_str(),
+              model.artifact().filename().c_str(), load_s, tol.abs, tol.rel);
+
+  const soa::SoAView full = full_view(model, g);
+  std::vector<int64_t> offsets;
+  const std::vector<soa::SoAView> rows = row_views(full, g.rows, offsets);
+
+  // The graph's inputs must be the caller's buffers, not copies of them.
+  const auto tensors = model.inputs(full);
+  size_t shared = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& in = model.input_specs()[i];
+    const void* expected = in.is_offsets ? static_cast<const void*>(g.i64.at(in.name).data())
+                                         : static_cast<const void*>(f32(g, in.name).data());
+    shared += tensors[i].data_ptr() == expected;
+  }
+  std::printf("%s zero-copy: %zu/%zu inputs read the SoA buffers in place\n", tag.c_str(), shared,
+              tensors.size());
+  bool ok = shared == tensors.size();
+
+  // Batch 1, every row; then the golden batch in one call.
+  std::vector<std::map<std::string, at::Tensor>> ref_rows;
+  Check one;
+  for (int64_t i = 0; i < g.rows; ++i) {
+    ref_rows.push_back(model.run(rows[static_cast<size_t>(i)]));
+    compare(ref_rows.back(), g, i, 1, tol, one);
+  }
+  const Latency one_t =
+      time_calls(g.rows, min_time, [&](int64_t i) { model.run(rows[static_cast<size_t>(i)]); });
+  const auto ref_full = model.run(full);
+  Check all;
+  compare(ref_full, g, 0, g.rows, tol, all);
+  const Latency all_t = time_calls(1, min_time, [&](int64_t) { model.run(full); });
+  for (const auto& [batch, c, t] :
+       {std::tuple{int64_t{1}, one, one_t}, std::tuple{g.rows, all, all_t}}) {
+    std::printf("%s batch=%-4lld max|diff|=%.3e %s latency=%.1f us/call (median; mean %.1f; "
+                "1 thread, %lld calls)\n",
+                tag.c_str(), static_cast<long long>(batch), c.max_abs, c.ok ? "PASS" : "FAIL",
+                t.median_us, t.mean_us, static_cast<long long>(t.calls));
+    ok &= c.ok;
+  }
+
+  if (threads > 1) {
+    // All threads share `model` and start together; each replays every row (from a different
+    // starting row) and the full batch, and must reproduce the one-thread outputs bit for bit.
+    std::barrier start(threads);
+    std::vector<int> same(static_cast<size_t>(threads), 1), intra(static_cast<size_t>(threads));
+    std::vector<std::thread> pool;
+    const int passes = 3;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        start.arrive_and_wait();
+        intra[static_cast<size_t>(t)] = at::get_num_threads();  // the policy, seen per thread
+        for (int p = 0; p < passes; ++p) {
+          for (int64_t k = 0; k < g.rows; ++k) {
+            const auto i = static_cast<size_t>((k + t * g.rows / threads) % g.rows);
+            if (!identical(model.run(rows[i]), ref_rows[i])) same[static_cast<size_t>(t)] = 0;
+          }
+          if (!identical(model.run(full), ref_full)) same[static_cast<size_t>(t)] = 0;
+        }
+      });
+    }
+    for (auto& th : pool) th.join();
+    const bool all_same = std::all_of(same.begin(), same.end(), [](int s) { return s != 0; });
+    const int max_intra = *std::max_element(intra.begin(), intra.end());
+    const auto calls = static_cast<long long>(threads * passes * (g.rows + 1));
+    std::printf("%s threads=%d calls=%lld intra-op threads per caller=%d identical to one thread: "
+                "%s\n", tag.c_str(), threads, calls, max_intra, all_same ? "yes" : "NO");
+    ok &= all_same && max_intra == 1;
+  }
+  return ok;
+}
+
+int usage() {
+  std::cerr << "usage: replay EXPORT_DIR GOLDEN_DIR [--format torchscript|aoti|all] "
+               "[--threads N] [--min-time SECONDS]\n";
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) return usage();
+  const std::filesystem::path export_dir = argv[1], golden_dir = argv[2];
+  std::string format = "all";
+  int threads = 1;
+  double min_time = 0.2;
+  for (int i = 3; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (i + 1 >= argc) return usage();
+    if (arg == "--format") format = argv[++i];
+    else if (arg == "--threads") threads = std::max(1, std::stoi(argv[++i]));
+    else if (arg == "--min-time") min_time = std::stod(argv[++i]);
+    else return usage();
+  }
+  try {
+    if (format != "all") soa::parse_format(format);  // reject unknown names before any work
+    const Golden g = read_golden(golden_dir);
+    std::printf("replay %s: %lld golden rows, libtorch %s\n", export_dir.c_str(),
+                static_cast<long long>(g.rows), TORCH_VERSION);
+    bool ok = true;
+    for (const char* f : {"torchscript", "aoti"})
+      if (format == "all" || format == f) ok &= replay(export_dir, g, soa::parse_format(f),
+                                                       threads, min_time);
+    std::printf("RESULT %s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what_without_backtrace());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  }
+}

@@ -1,0 +1,143 @@
+"""The C++ consumer (cpp/): libtorch with no Python in the process replays the golden set.
+
+The consumer is built once per source change into build/cpp (cpp/build.py; about a minute on
+two cores the first time, instant after). Each export's golden set is unpacked to raw arrays
+(cpp/unpack_golden.py) and replayed through TorchScript and AOTInductor, at batch 1 and at the
+full golden batch, and by four threads sharing each loaded model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CPP = Path(__file__).resolve().parents[1] / "cpp"
+FORMATS = ("torchscript", "aoti")
+THREADS = 4
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"cpp_{name}", CPP / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cpp_build = _load("build")
+unpack_golden = _load("unpack_golden")
+
+
+@pytest.fixture(scope="session")
+def replay_bin() -> Path:
+    """The built replay program; system packages are installed (once) if missing."""
+    try:
+        return cpp_build.build()
+    except cpp_build.MissingDependencies as err:
+        pytest.skip(f"C++ consumer not buildable here: {err}")
+
+
+def _replay(
+    binary: Path, export_dir: Path, golden_dir: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(binary), str(export_dir), str(golden_dir), "--min-time", "0.1", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="session")
+def replayed(replay_bin, exported, tmp_path_factory):
+    """``replayed(model) -> (export_dir, completed replay)``, both formats, 4 threads; once."""
+    cache: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def get(model: str):
+        if model not in cache:
+            export_dir = exported(model)
+            golden = unpack_golden.unpack(export_dir, tmp_path_factory.mktemp(f"golden-{model}"))
+            run = _replay(replay_bin, export_dir, golden, "--threads", str(THREADS))
+            print(run.stdout, run.stderr)
+            cache[model] = (export_dir, run)
+        return cache[model]
+
+    return get
+
+
+LINE = re.compile(
+    r"\[(?P<fmt>\w+)\] batch=(?P<batch>\d+)\s+max\|diff\|=(?P<diff>\S+) (?P<verdict>PASS|FAIL) "
+    r"latency=(?P<us>\S+) us/call"
+)
+
+
+@pytest.mark.parametrize("model", ["mlp", "deepsets"])
+def test_cpp_replays_golden_set(replayed, model: str) -> None:
+    export_dir, run = replayed(model)
+    assert run.returncode == 0, run.stdout + run.stderr
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    rows = manifest["golden"]["rows"]
+    tolerance = {a["format"]: a["parity"][0]["tolerance"] for a in manifest["artifacts"]}
+    results = {(m["fmt"], int(m["batch"])): m for m in LINE.finditer(run.stdout)}
+    assert set(results) == {(f, b) for f in FORMATS for b in (1, rows)}, run.stdout
+    expected = np.load(export_dir / "golden.npz")
+    scale = max(np.abs(expected[o]).max() for o in manifest["contract"]["outputs"])
+    for (fmt, _), m in results.items():
+        assert m["verdict"] == "PASS"
+        # The rule is |diff| <= abs + rel * |expected| per value, so this bounds the maximum.
+        assert float(m["diff"]) <= tolerance[fmt]["abs"] + tolerance[fmt]["rel"] * scale, m[0]
+        assert float(m["us"]) > 0
+    assert "RESULT PASS" in run.stdout
+
+
+@pytest.mark.parametrize("model", ["mlp", "deepsets"])
+def test_cpp_inputs_are_the_soa_buffers(replayed, model: str) -> None:
+    export_dir, run = replayed(model)
+    n_inputs = len(json.loads((export_dir / "manifest.json").read_text())["inputs"])
+    for fmt in FORMATS:
+        assert f"[{fmt}] zero-copy: {n_inputs}/{n_inputs} inputs" in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("model", ["mlp", "deepsets"])
+def test_cpp_threads_sharing_a_model_match_one_thread(replayed, model: str) -> None:
+    _, run = replayed(model)
+    for fmt in FORMATS:
+        line = next(ln for ln in run.stdout.splitlines() if ln.startswith(f"[{fmt}] threads="))
+        assert f"threads={THREADS} " in line
+        assert "intra-op threads per caller=1 " in line, line
+        assert line.endswith("identical to one thread: yes"), line
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpp_refuses_artifact_with_wrong_sha256(replay_bin, exported, tmp_path, fmt) -> None:
+    export_dir = shutil.copytree(exported("mlp"), tmp_path / "export")
+    artifact = next(
+        a["file"]
+        for a in json.loads((export_dir / "manifest.json").read_text())["artifacts"]
+        if a["format"] == fmt
+    )
+    with open(export_dir / artifact, "ab") as f:
+        f.write(b"\0")
+    golden = unpack_golden.unpack(export_dir, tmp_path / "golden")
+    run = _replay(replay_bin, export_dir, golden, "--format", fmt)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "sha256 mismatch" in run.stderr
+    assert artifact in run.stderr
+
+
+def test_cpp_fails_on_outputs_beyond_tolerance(replay_bin, exported, tmp_path) -> None:
+    export_dir = exported("mlp")
+    golden = unpack_golden.unpack(export_dir, tmp_path / "golden")
+    output = json.loads((export_dir / "manifest.json").read_text())["outputs"][0]["name"]
+    expected = np.fromfile(golden / f"{output}.bin", dtype="<f4")
+    expected[3] += 1e-3  # ten times the AOTInductor tolerance, a hundred times TorchScript's
+    expected.tofile(golden / f"{output}.bin")
+    run = _replay(replay_bin, export_dir, golden)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.stdout.count("FAIL") == 2 * len(FORMATS) + 1  # both batches per format, RESULT
