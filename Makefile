@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
+# The whole path on the default data: generate and train, export with parity, then run the
+# standalone inference CLI on held-out jets (another Pythia seed) and benchmark it.
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/train.py experiment=mlp
+	$(BIN)/python scripts/export.py name=mlp overwrite=true
+	$(BIN)/python scripts/generate.py data.source.seed=7 data.source.n_jets=2000 output=data/heldout.parquet
+	$(BIN)/python -m project.inference exported/mlp data/heldout.parquet --out data/heldout-scores.parquet
+	$(BIN)/python scripts/benchmark.py inference exported/mlp
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
