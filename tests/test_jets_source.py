@@ -105,8 +105,10 @@ def test_cache_is_read_back(
     assert path.name.startswith("jets-")
     assert path.suffix == ".parquet"
     assert json.loads(path.with_suffix(".json").read_text())["seed"] == SMALL["seed"]
-    # Only the cache and its sidecar: the temporary files were renamed into place.
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+    # Only the cache and its sidecar (and the hidden generation lock): the temporary files
+    # were renamed into place.
+    visible = (p.name for p in path.parent.iterdir() if not p.name.startswith("."))
+    assert sorted(visible) == sorted(
         [path.name, path.with_suffix(".json").name]
     )
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from project.data.columnar import ColumnarData, Jagged, gather_objects
@@ -433,13 +434,19 @@ class PythiaJetSource:
         path = self.cache_path
         if path.exists():
             return read_jets_parquet(path)
-        data = self._generate()
-        data.source = str(path)
-        write_jets_parquet(data, path)
-        _atomic_write(
-            path.with_suffix(".json"),
-            (json.dumps(self.settings, indent=2, sort_keys=True) + "\n").encode(),
-        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Under torchrun or SLURM every rank starts at once: one generates, the others wait
+        # on the lock and then read the cache it wrote.
+        with FileLock(str(path.with_name(f".{path.name}.lock"))):
+            if path.exists():
+                return read_jets_parquet(path)
+            data = self._generate()
+            data.source = str(path)
+            write_jets_parquet(data, path)
+            _atomic_write(
+                path.with_suffix(".json"),
+                (json.dumps(self.settings, indent=2, sort_keys=True) + "\n").encode(),
+            )
         return data.validate()
 
     def _tasks(self) -> list[_ChunkTask]:
