@@ -1,7 +1,7 @@
-"""Benchmarks: ``python scripts/benchmark.py inference [EXPORT_DIR] [--backends ...]``.
+"""Benchmarks: ``python scripts/benchmark.py {inference,train} ...`` (``--help`` per subcommand).
 
-One subcommand per stage (``inference`` now; ``train`` can be added beside it). Each
-subcommand's logic lives in the package, e.g. ``project.inference.benchmark``.
+One subcommand per stage; each one's logic lives in the package
+(``project.inference.benchmark``, ``project.training.benchmark``).
 """
 
 import argparse

@@ -1,0 +1,289 @@
+"""``scripts/benchmark.py inference``: latency of each backend, raw and through the SoA runtime.
+
+For each backend and batch size it measures, on one thread, the median latency of
+(a) ``raw``: the backend alone on ready inputs (TorchScript/AOTInductor: the raw backend of
+``backends.py`` on ready tensors; ONNX: ``InferenceSession.run`` on ready numpy arrays), and
+(b) ``full``: ``InferenceModel.__call__`` from SoA numpy columns to SoA outputs (matching by
+name, checks, the NaN/Inf scan, zero-copy hand-over, outputs), next to eager PyTorch on the
+deploy graph rebuilt from the export's checkpoint. At the batch sizes with targets it also
+measures the full call without the NaN/Inf scan (``nan_policy="ignore"``) and the SoA work
+alone (the full call with the backend's computation replaced by a no-op), which is what the
+targets are judged on. The calls being compared alternate, so they see the same machine load.
+Inputs are the export's golden rows tiled to the batch size. Unlike the runtime, this module
+may import training-side code (for the eager graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from project.inference.threads import ThreadPolicy, apply_torch_policy
+
+BATCH_SIZES = (1, 64, 1024, 16384)
+TARGETS = {1: 0.20, 1024: 0.03}  # allowed SoA overhead over the raw backend, by batch size
+# CPU time of the calling thread: with one thread doing all the work (the deployment policy)
+# it is the latency of an idle machine, without the time spent waiting for a busy core.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def tile_golden(golden: dict[str, np.ndarray], contract: Any, batch: int) -> dict[str, np.ndarray]:
+    """The golden rows repeated to ``batch`` rows, as contiguous SoA columns."""
+    n = len(golden[contract.input_names[0]]) - (0 if contract.flat else 1)
+    rows = np.arange(batch) % n
+    cols = {name: np.ascontiguousarray(golden[name][rows]) for name in contract.flat_names}
+    for coll in contract.jagged:
+        offsets = golden[coll.offsets_name]
+        counts = np.diff(offsets)[rows]
+        new = np.zeros(batch + 1, dtype=np.int64)
+        np.cumsum(counts, out=new[1:])
+        # Object j of new row i comes from old object offsets[rows[i]] + (j - new[i]).
+        objects = np.repeat(offsets[rows] - new[:-1], counts) + np.arange(new[-1])
+        cols[coll.offsets_name] = new
+        for name in coll.field_input_names:
+            cols[name] = np.ascontiguousarray(golden[name][objects])
+    return cols
+
+
+def medians(
+    calls: dict[str, Callable[[], Any]], budget: float, clock: str = "wall", min_reps: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, run in turn for about ``budget`` seconds
+    each (so all of them see the same load on a shared machine)."""
+    now = CLOCKS[clock]
+    for fn in calls.values():
+        # Warm-up: TorchScript optimises on its first calls, caches fill. Slow calls (large
+        # batches) need fewer of them, and keep the whole run short.
+        start = time.perf_counter()
+        fn()
+        if time.perf_counter() - start < 0.05:
+            fn()
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    deadline = time.perf_counter() + budget * len(calls)
+    reps = 0
+    while reps < min_reps or (time.perf_counter() < deadline and reps < 5000):
+        for key, fn in calls.items():
+            start = now()
+            fn()
+            times[key].append(now() - start)
+        reps += 1
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _raw_call(model: Any, cols: dict[str, np.ndarray]) -> Callable[[], Any]:
+    names = model.input_names
+    if model.backend == "onnx":
+        session, outputs = model.runner.session, list(model.output_names)
+        feed = {n: cols[n] for n in names}
+        return lambda: session.run(outputs, feed)
+    tensors = [torch.from_numpy(cols[n]) for n in names]
+    backend = model.runner.backend
+    return lambda: backend(tensors)
+
+
+def eager_graph(manifest: dict[str, Any]) -> torch.nn.Module | None:
+    """The eager deploy graph rebuilt from the export's checkpoint, or ``None`` if missing."""
+    from project.deploy.graph import load_checkpoint
+
+    path = Path(manifest["source"]["checkpoint"])
+    if not path.is_file():
+        return None
+    return load_checkpoint(path, manifest["source"].get("checkpoint_sha256")).graph.eval()
+
+
+def count_flops(graph: torch.nn.Module, cols: dict[str, np.ndarray], names: list[str]) -> int:
+    """FLOPs of one call of the eager graph on ``cols`` (``FlopCounterMode``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        graph(*(torch.from_numpy(cols[n]) for n in names))
+    return int(counter.get_total_flops())
+
+
+def soa_only(model: Any, cols: dict[str, np.ndarray]) -> Any:
+    """Make ``model``'s backend computation a no-op, so that calling it on ``cols`` costs only
+    the SoA work: matching, checks, NaN scan, zero-copy hand-over (tensors or I/O binding) and
+    outputs. Measured this way it is free of the noise of the backend's own run."""
+    runner = model.runner
+    if model.backend == "onnx":
+        session = runner.session
+
+        class NoRun:  # binds inputs and outputs as usual, then skips the run
+            _sess = SimpleNamespace(run_with_iobinding=lambda binding, options: None)
+            io_binding = session.io_binding
+
+        runner.session = NoRun()
+        return model
+    done = runner.backend([torch.from_numpy(cols[n]) for n in model.input_names])
+    flat = bool(model.contract.flat)
+    runner.backend = lambda tensors: [d[: len(tensors[0]) - (not flat)] for d in done]
+    return model
+
+
+def run(
+    export_dir: Path,
+    backends: list[str],
+    batch_sizes: list[int],
+    budget: float,
+    clock: str = "wall",
+    max_call: float = 2.0,
+) -> dict[str, Any]:
+    """Measure everything: ``{"rows": [...], "eager": {batch: s}, "flops": {batch: n}, ...}``.
+
+    A batch size whose calls would take longer than ``max_call`` seconds (extrapolated from
+    the previous size) is skipped and listed in ``"skipped"``, so the run stays short.
+    """
+    from project.inference.model import load
+
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    models = {b: load(export_dir, b) for b in backends}
+    unchecked = {b: load(export_dir, b, nan_policy="ignore", verify_golden=False) for b in backends}
+    contract = next(iter(models.values())).contract
+    with np.load(export_dir / manifest["golden"]["file"]) as data:
+        golden = {k: data[k] for k in data.files}
+    graph = eager_graph(manifest)
+    rows: list[dict[str, Any]] = []
+    eager: dict[int, float] = {}
+    flops: dict[int, int] = {}
+    skipped: list[str] = []
+    per_row = 0.0
+    for batch in sorted(batch_sizes):
+        if per_row * batch > max_call:
+            skipped.append(f"batch {batch} (~{per_row * batch:.0f} s per call)")
+            continue
+        cols = tile_golden(golden, contract, batch)
+        per_row = 0.0  # the slowest per-row latency at this size predicts the next size
+        for name, model in models.items():
+            calls = {"raw": _raw_call(model, cols), "full": lambda m=model, c=cols: m(c)}
+            if batch in TARGETS:  # where the targets are judged: also the SoA work alone
+                calls["no_scan"] = lambda m=unchecked[name], c=cols: m(c)
+                stub = soa_only(load(export_dir, name, verify_golden=False), cols)
+                calls["soa"] = lambda m=stub, c=cols: m(c)
+            found = medians(calls, budget, clock)
+            rows.append({"backend": name, "batch": batch, **found})
+            per_row = max(per_row, found["full"] / batch, found["raw"] / batch)
+        if graph is not None:
+            tensors = [torch.from_numpy(cols[n]) for n in contract.input_names]
+
+            def call(tensors: list[torch.Tensor] = tensors) -> Any:
+                with torch.inference_mode():
+                    return graph(*tensors)
+
+            eager[batch] = medians({"eager": call}, budget, clock)["eager"]
+            per_row = max(per_row, eager[batch] / batch)
+            flops[batch] = count_flops(graph, cols, contract.input_names)
+    return {
+        "name": manifest["name"],
+        "clock": clock,
+        "rows": rows,
+        "eager": eager,
+        "flops": flops,
+        "skipped": skipped,
+    }
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.1f}"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The table printed by ``scripts/benchmark.py inference``."""
+    head = (
+        f"{'backend':<12}{'batch':>6}{'raw us/call':>13}{'raw us/row':>11}{'full us/call':>14}"
+        f"{'full us/row':>12}{'full/raw':>10}{'no NaN scan':>12}{'SoA work us':>13}"
+        f"{'SoA/raw':>9}{'target':>8}"
+    )
+    lines = [
+        f"{result['name']}: median {result['clock']}-clock latency, one thread, torch "
+        f"{torch.__version__}",
+        "  raw = backend on ready inputs; full = SoA columns in, SoA outputs out (default call);",
+        "  full/raw = what the full call adds; no NaN scan = the same with nan_policy='ignore';",
+        "  SoA work = the full call with the backend's computation replaced by a no-op;",
+        "  target = SoA work within 20% of raw at batch 1, 3% at batch 1024",
+        head,
+        "-" * len(head),
+    ]
+    for r in result["rows"]:
+        raw, batch = r["raw"], r["batch"]
+        line = (
+            f"{r['backend']:<12}{batch:>6}{_us(raw):>13}{_us(raw / batch):>11}"
+            f"{_us(r['full']):>14}{_us(r['full'] / batch):>12}{r['full'] / raw - 1:>+10.1%}"
+        )
+        if "soa" in r:
+            share = r["soa"] / raw
+            verdict = "met" if share <= TARGETS[batch] else "MISSED"
+            line += f"{r['no_scan'] / raw - 1:>+12.1%}{_us(r['soa']):>13}{share:>9.1%}{verdict:>8}"
+        lines.append(line)
+    for batch, seconds in result["eager"].items():
+        lines.append(f"{'eager':<12}{batch:>6}{_us(seconds):>13}{_us(seconds / batch):>11}")
+    at = max((b for b in result["flops"] if b <= 1024), default=None)
+    if at is not None:
+        best = min((r for r in result["rows"] if r["batch"] == at), key=lambda r: r["full"])
+        flops = result["flops"][at]
+        lines.append(
+            f"FLOPs (FlopCounterMode, eager graph): {flops / at / 1e3:,.1f} kFLOP/row. Best at "
+            f"batch {at}: {best['backend']}, {flops / best['full'] / 1e9:.2f} GFLOP/s through "
+            f"the full call ({flops / best['raw'] / 1e9:.2f} GFLOP/s raw)."
+        )
+    if result.get("skipped"):
+        lines.append(f"Skipped (over --max-call seconds): {', '.join(result['skipped'])}.")
+    return "\n".join(lines)
+
+
+def latest_export(root: Path = Path("exported")) -> Path:
+    """The most recently written export directory under ``root``."""
+    manifests = sorted(root.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not manifests:
+        raise SystemExit(f"no export under {root}/; run scripts/export.py or give EXPORT_DIR")
+    return manifests[-1].parent
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``inference`` subcommand's arguments."""
+    parser.add_argument(
+        "export_dir", nargs="?", help="export directory (default: the newest under exported/)"
+    )
+    parser.add_argument("--backends", default="torchscript,aoti,onnx")
+    parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
+    parser.add_argument(
+        "--budget", type=float, default=0.25, help="seconds of repetitions per measurement"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or the thread's CPU time (steadier on a shared, busy machine)",
+    )
+    parser.add_argument(
+        "--max-call",
+        type=float,
+        default=2.0,
+        help="skip batch sizes whose calls would take longer than this (seconds)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed arguments and print the report."""
+    # First: the policy must be in place before anything starts PyTorch's thread pools.
+    apply_torch_policy(ThreadPolicy.single())
+    result = run(
+        Path(args.export_dir) if args.export_dir else latest_export(),
+        [b for b in args.backends.split(",") if b],
+        [int(b) for b in args.batch_sizes.split(",") if b],
+        args.budget,
+        args.clock,
+        args.max_call,
+    )
+    print(format_report(result))
+    return 0

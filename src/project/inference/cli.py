@@ -1,0 +1,197 @@
+"""``python -m project.inference EXPORT_DIR INPUT --out OUTPUT``: score a Parquet or ROOT file.
+
+Reads the columns the model's contract names (Parquet: list columns ``<collection>_<field>``
+are the jagged fields; ROOT: jagged branches ``<collection>_<field>``) in steps of
+``--step-size`` rows and writes Parquet with the rows' identifiers and one column per output.
+pyarrow is imported here (it writes the output); uproot only for ROOT inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from project.inference.errors import ArtifactError, InputError
+from project.inference.model import DEFAULT_MAX_BATCH, InferenceModel, load
+from project.inference.threads import ThreadPolicyError
+
+DEFAULT_IDS = ("run", "luminosityBlock", "event")
+
+
+def needed_columns(model: InferenceModel) -> list[str]:
+    """Input columns of the file that the model reads (jagged fields carry their offsets)."""
+    names = list(model.contract.flat_names)
+    for coll in model.contract.jagged:
+        names += coll.field_input_names
+    return names
+
+
+def _check_present(needed: list[str], available: list[str], source: str) -> None:
+    missing = [n for n in needed if n not in available]
+    if not missing:
+        return
+    by_lower = {a.lower(): a for a in available}
+    hints = []
+    for name in missing:
+        close = difflib.get_close_matches(name.lower(), list(by_lower), n=2, cutoff=0.75)
+        if close:
+            hints.append(f"{name!r}: did you mean {' or '.join(repr(by_lower[c]) for c in close)}?")
+    raise InputError(
+        f"{source} lacks {', '.join(map(repr, missing))}. The model reads: "
+        f"{', '.join(needed)}. "
+        + (f"Close names in the file: {'; '.join(hints)} " if hints else "")
+        + f"The file has {len(available)} columns: {', '.join(sorted(available)[:30])}"
+        + (" ..." if len(available) > 30 else "")
+    )
+
+
+def _id_columns(requested: str | None, available: list[str]) -> list[str]:
+    if requested is None:
+        return [c for c in DEFAULT_IDS if c in available]
+    ids = [c for c in requested.split(",") if c]
+    missing = [c for c in ids if c not in available]
+    if missing:
+        raise InputError(f"--id-columns {missing} are not in the input file")
+    return ids
+
+
+def parquet_batches(
+    path: Path, model: InferenceModel, ids: str | None, step: int
+) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+    """``(RecordBatch of model inputs, {id column: values})`` per step of a Parquet file."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    available = pf.schema_arrow.names
+    needed = needed_columns(model)
+    _check_present(needed, available, str(path))
+    id_cols = _id_columns(ids, available)
+    for batch in pf.iter_batches(batch_size=step, columns=list(dict.fromkeys(needed + id_cols))):
+        yield batch, {c: batch.column(c).to_numpy(zero_copy_only=False) for c in id_cols}
+
+
+def _single_tree(file: Any, path: Path, tree: str | None) -> Any:
+    trees = sorted({k.split(";")[0] for k, c in file.classnames().items() if c == "TTree"})
+    if tree is not None:
+        if tree not in trees:
+            raise InputError(f"{path} has no TTree {tree!r}; its TTrees: {trees}")
+        return file[tree]
+    if len(trees) != 1:
+        raise InputError(f"{path} has {len(trees)} TTrees {trees}; choose one with --tree")
+    return file[trees[0]]
+
+
+def root_batches(
+    path: Path, model: InferenceModel, ids: str | None, step: int, tree: str | None
+) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+    """``(awkward record array of model inputs, {id column: values})`` per step of a TTree."""
+    import uproot
+
+    with uproot.open(path) as file:
+        ttree = _single_tree(file, path, tree)
+        available = list(ttree.keys())
+        needed = needed_columns(model)
+        _check_present(needed, available, f"{path}:{ttree.name}")
+        id_cols = _id_columns(ids, available)
+        names = list(dict.fromkeys(needed + id_cols))
+        for arrays in ttree.iterate(names, step_size=step, library="ak"):
+            yield arrays, {c: np.asarray(arrays[c]) for c in id_cols}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score ``args.input`` with ``args.export_dir`` and write ``args.out``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model = load(
+        args.export_dir,
+        args.backend,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        nan_policy=args.nan_policy,
+    )
+    path = Path(args.input)
+    if not path.is_file():
+        raise InputError(f"input file {path} does not exist")
+    if path.suffix.lower() == ".root":
+        batches = root_batches(path, model, args.id_columns, args.step_size, args.tree)
+    else:
+        batches = parquet_batches(path, model, args.id_columns, args.step_size)
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed at the end: a failure leaves no partial output.
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer, rows = None, 0
+    try:
+        for inputs, ids in batches:
+            try:
+                outputs = model(inputs)
+            except InputError as err:
+                raise InputError(f"{path}, rows from {rows}: {err}") from err
+            n = len(next(iter(outputs.values())))
+            columns = dict(ids) or {"row": np.arange(rows, rows + n, dtype=np.int64)}
+            table = pa.table({**columns, **outputs})
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            rows += n
+        if writer is None:  # no rows at all: still a valid file with the output columns
+            empty = {"row": np.empty(0, np.int64)} | {
+                o: np.empty(0, np.float32) for o in model.output_names
+            }
+            pq.write_table(pa.table(empty), tmp)
+        else:
+            writer.close()
+            writer = None
+        tmp.replace(out)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    print(
+        f"{rows} rows of {path} scored with {model.backend} ({model.artifact.name}) in "
+        f"{seconds:.2f} s -> {out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(
+        prog="python -m project.inference", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("export_dir", help="export directory (manifest.json and artifacts)")
+    p.add_argument("input", help="Parquet (.parquet) or ROOT (.root) file")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--backend", choices=["auto", "torchscript", "aoti", "onnx"], default="auto")
+    p.add_argument("--tree", help="TTree of a ROOT file (default: its only TTree)")
+    p.add_argument(
+        "--id-columns",
+        help="comma-separated columns copied to the output (default: those of run, "
+        "luminosityBlock, event present; else a 'row' index)",
+    )
+    p.add_argument("--step-size", type=int, default=100_000, help="rows read per step")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    p.add_argument("--nan-policy", choices=["raise", "ignore"], default="raise")
+    p.add_argument("--threads", choices=["single", "unrestricted"], default="single")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad inputs or exports, with the reason)."""
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except (InputError, ArtifactError, ThreadPolicyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

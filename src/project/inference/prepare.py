@@ -1,0 +1,310 @@
+"""SoA columns to the graph's inputs: matched by name, checked, converted only where needed.
+
+The exported graphs take the SoA columns themselves (DESIGN.md), so preparing a call is
+checking: a column that is 1-D, contiguous and of the contract's dtype is passed on as it is
+(no copy). Conversions the contract allows (other float or integer dtypes to float32 features,
+other integer dtypes or integral floats to int64 offsets, counts to offsets) write into the
+calling thread's ``Workspace`` buffers, reused across calls. Anything else is an ``InputError``
+that names the column: a wrong answer is never returned silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from project.data.contract import InputContract
+from project.inference.errors import InputError
+from project.inference.workspace import Workspace, writable_alias
+
+F32 = np.dtype(np.float32)
+I64 = np.dtype(np.int64)
+BOOL = np.dtype(np.bool_)
+NAN_POLICIES = ("raise", "ignore")
+# Finiteness checks by dot product on at most this many values (see ``_finite``).
+_DOT_LIMIT = 8192
+_I64_MAX = np.iinfo(np.int64).max
+
+
+def _finite(values: np.ndarray, ws: Workspace) -> bool:
+    """Whether all ``values`` (float32, 1-D, contiguous) are finite; allocates nothing.
+
+    Up to ``_DOT_LIMIT`` values, ``values @ values`` is the fastest exact screen: it is NaN or
+    Inf if any value is, and otherwise finite unless the sum of squares overflows, which the
+    exact check below then clears. (The limit also keeps BLAS single-threaded: OpenBLAS
+    splits a dot product over threads only for longer vectors.)
+    """
+    if len(values) <= _DOT_LIMIT and math.isfinite(values.dot(values)):
+        return True
+    return bool(np.isfinite(values, out=ws.get("scratch:bool", BOOL, len(values))).all())
+
+
+def _as_array(value: Any, name: str) -> np.ndarray:
+    if type(value) is np.ndarray:
+        return value
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"column {name!r} cannot be read as a 1-D array: {err}") from err
+    return arr
+
+
+def _one_d(arr: np.ndarray, name: str) -> None:
+    if arr.ndim != 1:
+        raise InputError(
+            f"column {name!r} has shape {arr.shape}; SoA columns are 1-D (one value per row, "
+            "or per object for jagged fields)"
+        )
+
+
+class InputPlan:
+    """How one contract's inputs are found, checked and converted.
+
+    Parameters
+    ----------
+    contract
+        The model's input contract (its ``input_names`` order is the graph's input order).
+    nan_policy
+        ``"raise"`` (default): NaN or Inf in a feature is an ``InputError``; ``"ignore"``:
+        values are passed to the model as they are.
+    """
+
+    def __init__(self, contract: InputContract, nan_policy: str = "raise") -> None:
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, not {nan_policy!r}")
+        self.nan_policy = nan_policy
+        self.flat = contract.flat_names
+        self.collections = [
+            (c.offsets_name, f"{c.name}_counts", c.field_input_names) for c in contract.jagged
+        ]
+        self.input_names = contract.input_names
+        offsets = {c[0] for c in self.collections}
+        self.feature_positions = [i for i, n in enumerate(self.input_names) if n not in offsets]
+
+    # --- the call path ------------------------------------------------------------------
+    def prepare(self, columns: Mapping[str, Any], ws: Workspace) -> tuple[list[np.ndarray], int]:
+        """The graph's inputs in order, and the number of rows.
+
+        Raises ``InputError`` for a missing column, an unsafe dtype, inconsistent lengths,
+        bad offsets, or (with ``nan_policy="raise"``) NaN or Inf in a feature.
+        """
+        # The common case, a contiguous float32 column, is tested inline: this loop runs
+        # once per column per call and dominates the runtime's cost at small batches.
+        arrays: list[np.ndarray] = []
+        n_rows = -1
+        n_values = 0
+        try:
+            for name in self.flat:
+                arr = columns[name]
+                if type(arr) is not np.ndarray or arr.dtype is not F32 or arr.ndim != 1:
+                    arr = self._feature(arr, name, ws)
+                else:
+                    flags = arr.flags
+                    if not flags.c_contiguous:
+                        arr = self._feature(arr, name, ws)
+                    elif not flags.writeable:
+                        arr = writable_alias(arr)
+                n = len(arr)
+                if n != n_rows:
+                    if n_rows >= 0:
+                        raise InputError(
+                            f"flat columns have different lengths: {self.flat[0]!r} has "
+                            f"{n_rows} rows, {name!r} has {n}"
+                        )
+                    n_rows = n
+                n_values += n
+                arrays.append(arr)
+            for offsets_name, counts_name, fields in self.collections:
+                offsets = self._offsets(columns, offsets_name, counts_name, ws)
+                rows = len(offsets) - 1
+                if rows != n_rows:
+                    if n_rows >= 0:
+                        raise InputError(
+                            f"{offsets_name!r} describes {rows} rows (length {rows + 1}), but "
+                            f"the input has {n_rows} rows: offsets need one entry per row plus one"
+                        )
+                    n_rows = rows
+                arrays.append(offsets)
+                total = int(offsets[-1])
+                for name in fields:
+                    arr = columns[name]
+                    if type(arr) is not np.ndarray or arr.dtype is not F32 or arr.ndim != 1:
+                        arr = self._feature(arr, name, ws)
+                    else:
+                        flags = arr.flags
+                        if not flags.c_contiguous:
+                            arr = self._feature(arr, name, ws)
+                        elif not flags.writeable:
+                            arr = writable_alias(arr)
+                    if len(arr) != total:
+                        raise InputError(
+                            f"jagged field {name!r} has {len(arr)} values but "
+                            f"{offsets_name}[-1] is {total}: the offsets do not match the field"
+                        )
+                    n_values += total
+                    arrays.append(arr)
+        except KeyError as err:
+            raise self._missing(str(err.args[0]), columns) from None
+        if self.nan_policy == "raise":
+            self._check_finite(arrays, n_values, ws)
+        return arrays, n_rows
+
+    def chunk(self, arrays: list[np.ndarray], start: int, stop: int, ws: Workspace) -> list:
+        """Rows ``start:stop`` of prepared inputs: views, offsets rebased to start at 0."""
+        out = [a[start:stop] for a in arrays[: len(self.flat)]]
+        pos = len(self.flat)
+        for offsets_name, _, fields in self.collections:
+            offsets = arrays[pos]
+            first, last = int(offsets[start]), int(offsets[stop])
+            view = offsets[start : stop + 1]
+            if first:
+                view = np.subtract(view, first, out=ws.get(f"chunk:{offsets_name}", I64, len(view)))
+            out.append(view)
+            out.extend(a[first:last] for a in arrays[pos + 1 : pos + 1 + len(fields)])
+            pos += 1 + len(fields)
+        return out
+
+    # --- columns ------------------------------------------------------------------------
+    def _missing(self, name: str, columns: Mapping[str, Any]) -> InputError:
+        wanted = list(self.flat)
+        for offsets_name, counts_name, fields in self.collections:
+            wanted += [f"{offsets_name} (or {counts_name})", *fields]
+        found = getattr(columns, "available", None) or sorted(map(str, columns.keys()))
+        shown = ", ".join(found[:30]) + (f", ... ({len(found)} in all)" if len(found) > 30 else "")
+        return InputError(
+            f"the input has no column {name!r}. The model expects (by name, in any order; extra "
+            f"columns are ignored): {', '.join(wanted)}. The input has: {shown or 'no columns'}"
+        )
+
+    @staticmethod
+    def _feature(value: Any, name: str, ws: Workspace) -> np.ndarray:
+        """A feature column that is not a contiguous float32 ndarray: pass it on if it only
+        looked different (an equal dtype object), else convert it into ``ws``."""
+        arr = _as_array(value, name)
+        _one_d(arr, name)
+        dtype = arr.dtype
+        if dtype == F32 and arr.flags.c_contiguous:
+            return arr if arr.flags.writeable else writable_alias(arr)
+        if dtype.kind not in "fiub":
+            raise InputError(
+                f"column {name!r} has dtype {dtype}, which cannot be cast safely to the "
+                f"contract's float32 (features are numbers)"
+            )
+        buf = ws.get(name, F32, arr.shape[0])
+        # Values beyond float32's range become Inf here; the finiteness check reports them.
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(buf, arr, casting="unsafe")
+        return buf
+
+    def _offsets(
+        self, columns: Mapping[str, Any], name: str, counts_name: str, ws: Workspace
+    ) -> np.ndarray:
+        value = columns.get(name)
+        if value is None:
+            counts = columns.get(counts_name)
+            if counts is not None:
+                return self._from_counts(counts, name, counts_name, ws)
+            # With no field either (a table without the list columns) name a field: that is
+            # what such an input lacks.
+            first_field = self.input_names[self.input_names.index(name) + 1]
+            raise KeyError(name if first_field in columns else first_field)
+        arr = _as_array(value, name)
+        _one_d(arr, name)
+        if arr.shape[0] == 0:
+            raise InputError(f"{name!r} is empty: offsets have one entry per row plus one (>= 1)")
+        if not ((arr.dtype is I64 or arr.dtype == I64) and arr.flags.c_contiguous):
+            arr = self._to_int64(arr, name, ws.get(name, I64, arr.shape[0]))
+        elif not arr.flags.writeable:
+            arr = writable_alias(arr)
+        if arr[0] != 0:
+            raise InputError(f"{name!r} must start at 0, found {int(arr[0])}")
+        n_rows = arr.shape[0] - 1
+        if n_rows == 1:
+            bad = arr[1] < 0
+        elif n_rows > 1:
+            # Written into scratch, so the check allocates nothing per call.
+            bad = np.less(arr[1:], arr[:-1], out=ws.get("scratch:bool", BOOL, n_rows)).any()
+        else:
+            bad = False
+        if bad:
+            row = int(np.flatnonzero(np.diff(arr) < 0)[0])
+            raise InputError(
+                f"{name!r} decreases at row {row} ({int(arr[row])} then {int(arr[row + 1])}): "
+                "offsets must never decrease"
+            )
+        return arr
+
+    def _from_counts(
+        self, value: Any, offsets_name: str, counts_name: str, ws: Workspace
+    ) -> np.ndarray:
+        counts = _as_array(value, counts_name)
+        _one_d(counts, counts_name)
+        if counts.dtype.kind not in "iuf":
+            raise InputError(f"{counts_name!r} has dtype {counts.dtype}; counts are integers")
+        if counts.shape[0] and counts.min() < 0:
+            raise InputError(f"{counts_name!r} has negative counts (row {int(counts.argmin())})")
+        if counts.dtype.kind == "f":
+            counts = self._to_int64(counts, counts_name, ws.get(counts_name, I64, len(counts)))
+        offsets = ws.get(offsets_name, I64, counts.shape[0] + 1)
+        offsets[0] = 0
+        # Cast first, then accumulate in place: a casting cumsum allocates a temporary.
+        np.copyto(offsets[1:], counts, casting="unsafe")
+        np.add.accumulate(offsets[1:], out=offsets[1:])
+        return offsets
+
+    @staticmethod
+    def _to_int64(arr: np.ndarray, name: str, buf: np.ndarray) -> np.ndarray:
+        kind = arr.dtype.kind
+        if kind == "u" and arr.shape[0] and arr.max() > _I64_MAX:
+            raise InputError(f"{name!r} has values beyond the int64 range")
+        if kind == "f":
+            if not np.isfinite(arr).all() or (arr.shape[0] and np.abs(arr).max() > 2.0**53):
+                raise InputError(f"{name!r} has NaN, Inf or huge values; it must hold integers")
+            np.copyto(buf, arr, casting="unsafe")
+            if not np.array_equal(buf, arr):
+                row = int(np.flatnonzero(buf != arr)[0])
+                raise InputError(
+                    f"{name!r} has dtype {arr.dtype} with a fraction at index {row} "
+                    f"({arr[row]!r}); it must hold whole numbers"
+                )
+            return buf
+        if kind not in "iu":
+            raise InputError(
+                f"{name!r} has dtype {arr.dtype}, which cannot be cast safely to int64"
+            )
+        np.copyto(buf, arr, casting="unsafe")
+        return buf
+
+    # --- finiteness ---------------------------------------------------------------------
+    def _check_finite(self, arrays: list[np.ndarray], n_values: int, ws: Workspace) -> None:
+        features = [arrays[i] for i in self.feature_positions]
+        if n_values <= _DOT_LIMIT:
+            # Few values: one copy into scratch and one check beat a numpy call per column.
+            values = np.concatenate(features, out=ws.get("scratch:f32", F32, n_values))
+            ok = _finite(values, ws)
+        else:
+            ok = all(_finite(a, ws) for a in features)
+        if not ok:
+            raise self._nonfinite(arrays)
+
+    def _nonfinite(self, arrays: list[np.ndarray]) -> InputError:
+        problems = []
+        for i in self.feature_positions:
+            bad = ~np.isfinite(arrays[i])
+            if bad.any():
+                name = self.input_names[i]
+                first = int(np.flatnonzero(bad)[0])
+                n_nan = int(np.isnan(arrays[i]).sum())
+                problems.append(
+                    f"{name!r}: {n_nan} NaN and {int(bad.sum()) - n_nan} Inf "
+                    f"(first at index {first})"
+                )
+        return InputError(
+            "non-finite input values: "
+            + "; ".join(problems)
+            + ". Clean the inputs, or load the model with nan_policy='ignore' to pass them on"
+            + " (float64 values beyond the float32 range become Inf)."
+        )

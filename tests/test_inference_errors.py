@@ -1,0 +1,253 @@
+"""Bad inputs and bad exports: each a clear error, never a silently wrong answer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from project.inference import (
+    ArtifactError,
+    InputError,
+    IntegrityError,
+    MissingManifestError,
+    ParityFailedError,
+    load,
+)
+from project.inference.threads import ThreadPolicy, apply_torch_policy
+
+# The inter-op pool can be sized only before any inter-op work in this process, so the
+# deployment policy is applied at import; intra-op threads are given back to the other tests
+# until this module's models load (and again after it).
+_INTRA_OP = torch.get_num_threads()
+apply_torch_policy(ThreadPolicy.single())
+torch.set_num_threads(_INTRA_OP)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_intra_op_threads():
+    yield
+    torch.set_num_threads(_INTRA_OP)
+
+
+@pytest.fixture(scope="module")
+def model(exported):
+    return load(exported("deepsets"), "onnx")
+
+
+@pytest.fixture
+def cols(exported) -> dict[str, np.ndarray]:
+    """Fresh golden inputs (tests modify them)."""
+    with np.load(exported("deepsets") / "golden.npz") as data:
+        return {k: data[k].copy() for k in data.files}
+
+
+def test_missing_column_is_named_with_the_expected_ones(model, cols) -> None:
+    del cols["jet_eta"]
+    with pytest.raises(InputError, match=r"no column 'jet_eta'.*expects.*jet_pt, jet_eta"):
+        model(cols)
+    cols["jet_eta"] = cols["jet_pt"]
+    del cols["part_offsets"]
+    with pytest.raises(InputError, match=r"'part_offsets'.*part_offsets \(or part_counts\)"):
+        model(cols)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("jet_pt", "strings", "cannot be cast safely to the contract's float32"),
+        ("part_offsets", "fractions", "fraction at index"),
+        ("part_offsets", "booleans", "cannot be cast safely to int64"),
+        ("jet_pt", "two-d", "SoA columns are 1-D"),
+    ],
+)
+def test_unsafe_dtypes_and_shapes(model, cols, column: str, value: str, message: str) -> None:
+    arr = cols[column]
+    cols[column] = {
+        "strings": arr.astype(str),
+        "fractions": arr.astype(np.float64) + 0.5 * (np.arange(len(arr)) % 2),
+        "booleans": arr.astype(bool),
+        "two-d": np.stack([arr, arr], axis=1),
+    }[value]
+    with pytest.raises(InputError, match=message):
+        model(cols)
+
+
+def test_allowed_conversions_give_the_same_answer(model, cols) -> None:
+    expected = model(cols)["prob_top"]
+    cols["part_offsets"] = cols["part_offsets"].astype(np.float64)  # whole numbers: fine
+    cols["jet_pt"] = cols["jet_pt"].astype(np.float64)
+    cols["part_pt"] = cols["part_pt"][::-1].copy()[::-1]  # non-contiguous views are copied
+    np.testing.assert_allclose(model(cols)["prob_top"], expected, atol=1e-6)
+
+
+def test_inconsistent_lengths(model, cols) -> None:
+    short = dict(cols, jet_eta=cols["jet_eta"][:-1])
+    with pytest.raises(InputError, match=r"flat columns have different lengths.*'jet_eta'"):
+        model(short)
+    with pytest.raises(InputError, match="offsets need one entry per row plus one"):
+        model(dict(cols, part_offsets=cols["part_offsets"][:-1]))
+
+
+def test_bad_offsets(model, cols) -> None:
+    offsets = cols["part_offsets"]
+    swapped = offsets.copy()
+    swapped[[3, 4]] = swapped[[4, 3]]
+    with pytest.raises(InputError, match="decreases at row 3"):
+        model(dict(cols, part_offsets=swapped))
+    with pytest.raises(InputError, match=r"'part_dr' has \d+ values but part_offsets\[-1\]"):
+        model(dict(cols, part_dr=cols["part_dr"][:-1]))
+    with pytest.raises(InputError, match="must start at 0"):
+        model(dict(cols, part_offsets=offsets + 1))
+    counts = dict(cols, part_counts=np.diff(offsets) * -1)
+    del counts["part_offsets"]
+    with pytest.raises(InputError, match="negative counts"):
+        model(counts)
+
+
+@pytest.mark.parametrize("column", ["jet_mass", "part_pt"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_are_refused(model, exported, cols, column: str, bad: float) -> None:
+    cols[column][len(cols[column]) // 2] = bad
+    with pytest.raises(InputError, match=rf"non-finite input values: '{column}'"):
+        model(cols)
+    lenient = load(exported("deepsets"), "onnx", nan_policy="ignore", verify_golden=False)
+    assert lenient(cols)["prob_top"].shape == (len(cols["jet_pt"]),)
+
+
+def test_nan_check_at_large_batches_and_float64_overflow(model, cols) -> None:
+    from project.inference.benchmark import tile_golden
+
+    big = tile_golden(cols, model.contract, 3000)  # beyond the small-batch fast path
+    big["part_erel"][-1] = np.nan
+    with pytest.raises(InputError, match="'part_erel': 1 NaN"):
+        model(big)
+    cols["jet_pt"] = cols["jet_pt"].astype(np.float64)
+    cols["jet_pt"][0] = 1e300  # finite in float64, Inf as the contract's float32
+    with pytest.raises(InputError, match="'jet_pt': 0 NaN and 1 Inf"):
+        model(cols)
+
+
+def test_bad_arrow_and_other_inputs(model, cols) -> None:
+    import pyarrow as pa
+
+    offsets = pa.array(cols["part_offsets"].astype(np.int32))
+    flat = {n: cols[n] for n in model.contract.flat_names}
+    lists = {
+        n: pa.ListArray.from_arrays(offsets, pa.array(cols[n]))
+        for n in model.contract.jagged[0].field_input_names
+    }
+    with_null = dict(flat, jet_pt=pa.array([None, *cols["jet_pt"][1:].tolist()], pa.float32()))
+    with pytest.raises(InputError, match="'jet_pt' has 1 null"):
+        model(pa.table({**with_null, **lists}))
+    with pytest.raises(InputError, match="must be a list column"):
+        model(pa.table({**flat, **lists, "part_pt": np.zeros(len(cols["jet_pt"]), np.float32)}))
+    other = pa.ListArray.from_arrays(
+        pa.array(np.zeros_like(cols["part_offsets"])), pa.array([], pa.float32())
+    )
+    with pytest.raises(InputError, match="different list lengths"):
+        model(pa.table({**flat, **lists, "part_dr": other}))
+    with pytest.raises(InputError, match=r"no column 'part_deta'.*The input has: jet_eta"):
+        model(pa.table(flat))
+    with pytest.raises(InputError, match="unsupported input type"):
+        model([1, 2, 3])
+    with pytest.raises(InputError, match=r"out\['prob_qcd'\] must be"):
+        model(cols, out={o: np.empty(3, np.float64) for o in model.output_names})
+
+
+def test_export_directory_without_manifest(tmp_path: Path) -> None:
+    with pytest.raises(MissingManifestError, match=r"has no manifest\.json"):
+        load(tmp_path)
+    with pytest.raises(MissingManifestError, match="does not exist"):
+        load(tmp_path / "nowhere")
+
+
+@pytest.fixture
+def export_copy(exported, tmp_path: Path) -> Path:
+    copy = tmp_path / "export"
+    shutil.copytree(exported("deepsets"), copy)
+    return copy
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "aoti", "onnx"])
+def test_tampered_artifact_is_refused(export_copy: Path, fmt: str) -> None:
+    manifest = json.loads((export_copy / "manifest.json").read_text())
+    file = next(a["file"] for a in manifest["artifacts"] if a["format"] == fmt)
+    data = bytearray((export_copy / file).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (export_copy / file).write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=f"{file} has sha256 .* manifest records"):
+        load(export_copy, fmt)
+
+
+def test_tampered_golden_file_and_bad_manifests(export_copy: Path) -> None:
+    with np.load(export_copy / "golden.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["prob_top"] = arrays["prob_top"] + 0.5
+    np.savez(export_copy / "golden.npz", **arrays)
+    with pytest.raises(IntegrityError, match="golden file"):
+        load(export_copy, "onnx")
+    load(export_copy, "onnx", verify_golden=False)  # the artifact itself is fine
+
+    manifest_file = export_copy / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for art in manifest["artifacts"]:
+        art["passed"] = False
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ParityFailedError, match="onnx: failed its parity check"):
+        load(export_copy, "onnx", verify_golden=False)
+    with pytest.raises(ParityFailedError):
+        load(export_copy, verify_golden=False)
+    manifest_file.write_text("{}")
+    with pytest.raises(ArtifactError, match="not a valid export manifest"):
+        load(export_copy)
+    with pytest.raises(ValueError, match="unknown backend"):
+        load(export_copy, "tensorrt")
+
+
+def test_golden_mismatch_on_this_machine_is_refused(export_copy: Path) -> None:
+    """An artifact whose outputs differ from the golden file (its hash updated) is refused."""
+    from project.inference.export_dir import sha256_of
+
+    with np.load(export_copy / "golden.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["prob_top"] = arrays["prob_top"] + 0.01
+    np.savez(export_copy / "golden.npz", **arrays)
+    manifest = json.loads((export_copy / "manifest.json").read_text())
+    manifest["golden"]["sha256"] = sha256_of(export_copy / "golden.npz")
+    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ParityFailedError, match="does not reproduce its golden output 'prob_top'"):
+        load(export_copy, "onnx")
+
+
+def test_cli_reports_bad_values_and_writes_nothing(exported, cols, tmp_path: Path, capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from project.inference.cli import main
+
+    offsets = pa.array(cols["part_offsets"].astype(np.int32))
+    table = pa.table(
+        {n: cols[n] for n in ("jet_pt", "jet_eta", "jet_mass", "jet_n_constituents")}
+        | {n: cols[n] for n in cols if n.startswith("jet_tau")}
+        | {
+            n: pa.ListArray.from_arrays(offsets, pa.array(cols[n]))
+            for n in cols
+            if n.startswith("part_") and n != "part_offsets"
+        }
+    )
+    bad = table.set_column(
+        0, "jet_pt", pa.array(np.where(np.arange(len(table)) == 3, np.nan, cols["jet_pt"]))
+    )
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    out = tmp_path / "scores.parquet"
+    assert main([str(exported("deepsets")), str(tmp_path / "bad.parquet"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "rows from 0" in err
+    assert "'jet_pt': 1 NaN" in err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "bad.parquet"]

@@ -1,0 +1,295 @@
+"""How the runtime runs: zero-copy hand-over, buffer reuse, the threading policy, concurrency,
+and that it imports without the training stack."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from project.inference import FORMATS, ThreadPolicyError, load
+from project.inference.benchmark import tile_golden
+from project.inference.threads import ThreadPolicy, apply_torch_policy
+
+# The inter-op pool can be sized only before any inter-op work in this process, so the
+# deployment policy is applied at import; intra-op threads are given back to the other tests
+# until this module's models load (and again after it).
+_INTRA_OP = torch.get_num_threads()
+apply_torch_policy(ThreadPolicy.single())
+torch.set_num_threads(_INTRA_OP)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_intra_op_threads():
+    yield
+    torch.set_num_threads(_INTRA_OP)
+
+
+@pytest.fixture(scope="module")
+def models(exported) -> dict[str, object]:
+    """The toy deep-sets export (flat columns and a jagged collection), once per backend."""
+    return {fmt: load(exported("deepsets"), fmt) for fmt in FORMATS}
+
+
+@pytest.fixture(scope="module")
+def gold(exported) -> dict[str, np.ndarray]:
+    with np.load(exported("deepsets") / "golden.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def _spy_pointers(model, warm_up: dict[str, np.ndarray]) -> list[int]:
+    """Make ``model`` record the data pointers its backend receives; returns the record."""
+    seen: list[int] = []
+    if model.backend == "onnx":
+        from onnxruntime.capi import _pybind_state as C
+
+        class SpyBinding(C.SessionIOBinding):
+            def bind_input(self, name: str, arr: np.ndarray) -> None:
+                seen.append(arr.ctypes.data)
+                super().bind_input(name, arr)
+
+        ws = model.workspace()
+        model(warm_up)  # creates this thread's binding
+        device = ws.state["onnx"][1]
+        assert device is not None, "the low-level ONNX Runtime binding is expected here"
+        ws.state["onnx"] = (SpyBinding(model.runner.session._sess), device)
+    else:
+        backend = model.runner.backend
+
+        def spy(tensors):
+            seen.extend(t.data_ptr() for t in tensors)
+            return backend(tensors)
+
+        model.runner.backend = spy
+    return seen
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_zero_copy_for_contiguous_columns(exported, gold, fmt: str) -> None:
+    import pyarrow as pa
+
+    model = load(exported("deepsets"), fmt, verify_golden=False)
+    seen = _spy_pointers(model, gold)
+    cols = tile_golden(gold, model.contract, 50)
+    seen.clear()
+    model(cols)
+    assert seen == [cols[n].ctypes.data for n in model.input_names]
+
+    # Arrow: read-only views of Arrow's buffers, also handed over as they are, no warning.
+    fields = model.contract.jagged[0].field_input_names
+    offsets = pa.array(cols["part_offsets"])
+    batch = pa.RecordBatch.from_pydict(
+        {n: cols[n] for n in model.contract.flat_names}
+        | {n: pa.LargeListArray.from_arrays(offsets, pa.array(cols[n])) for n in fields}
+    )
+    arrow_ptrs = [batch.column(n).buffers()[1].address for n in model.contract.flat_names]
+    arrow_ptrs.append(batch.column(fields[0]).buffers()[1].address)  # int64 offsets
+    arrow_ptrs += [batch.column(n).values.buffers()[1].address for n in fields]
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = model(batch)
+    assert seen == arrow_ptrs
+    np.testing.assert_allclose(got["prob_top"], model(cols)["prob_top"], atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_conversion_buffers_are_reused(models, gold, fmt: str) -> None:
+    model = models[fmt]
+
+    def converted(n_rows: int, seed: int) -> dict[str, np.ndarray]:
+        cols = tile_golden(gold, model.contract, n_rows)
+        out = {
+            k: v.astype(np.float64) + seed * 1e-3 for k, v in cols.items() if v.dtype == np.float32
+        }
+        out["part_counts"] = np.diff(cols["part_offsets"]).astype(np.int32)  # counts to offsets
+        return out
+
+    model(converted(2000, 0))
+    model(converted(10, 0))  # small batches also use a scratch buffer of their own
+    ws = model.workspace()
+    before = {k: (id(b), b.ctypes.data, len(b)) for k, b in ws.buffers.items()}
+    assert {"jet_pt", "part_pt", "part_offsets"} <= set(before)
+    for n_rows, seed in ((2000, 1), (1500, 2), (10, 3)):
+        model(converted(n_rows, seed))
+        assert {k: (id(b), b.ctypes.data, len(b)) for k, b in ws.buffers.items()} == before
+    model(converted(4000, 4))  # a larger batch grows the buffers
+    assert ws.buffers["jet_pt"].ctypes.data != before["jet_pt"][1]
+    assert len(ws.buffers["jet_pt"]) >= 4000
+
+    # After warm-up a call allocates nothing that grows with the input (numpy allocations
+    # are traced by tracemalloc; an allocation per column would be ~16k * 8 bytes each).
+    for n_rows in (4000, 1000):
+        inputs = [converted(n_rows, s) for s in range(3)]
+        out = {o: np.empty(n_rows, np.float32) for o in model.output_names}
+        model(inputs[0], out=out)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for cols in inputs:
+                model(cols, out=out)
+            current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak - base < 16_384, (n_rows, peak - base)
+        assert current - base < 4_096
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_thread_counts_inside_a_call_are_one(models, gold, fmt: str) -> None:
+    model = models[fmt]
+    assert model.policy == ThreadPolicy.single()
+    assert model.threads["policy"] == "single"
+    assert model.threads["torch_intra_op"] == 1
+    assert model.threads["torch_inter_op"] == 1
+    observed: list[tuple[int, int]] = []
+    if fmt == "onnx":
+        opts = model.runner.session.get_session_options()
+        assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 1)
+        assert str(opts.execution_mode).endswith("ORT_SEQUENTIAL")
+        assert model.threads["onnx_execution_mode"] == "ORT_SEQUENTIAL"
+        original = model.runner.run
+
+        def record(*args):
+            observed.append((torch.get_num_threads(), torch.get_num_interop_threads()))
+            return original(*args)
+
+        model.runner.run = record
+    else:
+        backend = model.runner.backend
+
+        def record(tensors):
+            observed.append((torch.get_num_threads(), torch.get_num_interop_threads()))
+            return backend(tensors)
+
+        model.runner.backend = record
+    try:
+        model(gold)
+        worker = threading.Thread(target=model, args=(gold,))
+        worker.start()
+        worker.join()
+    finally:
+        vars(model.runner).pop("run", None)
+        if fmt != "onnx":
+            model.runner.backend = backend
+    assert observed == [(1, 1), (1, 1)]
+    # Someone changing PyTorch's threads after load is caught, not run with.
+    torch.set_num_threads(2)
+    try:
+        if fmt != "onnx":
+            with pytest.raises(ThreadPolicyError, match="set_num_threads"):
+                model(gold)
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_eight_threads_share_one_model(models, gold, fmt: str) -> None:
+    model = models[fmt]
+    batches = [tile_golden(gold, model.contract, n) for n in (1, 5, 33, 77, 130, 2, 64, 9)]
+    expected = [model(b)["prob_top"].copy() for b in batches]
+    results: dict[int, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            mine = []
+            for step in range(12):
+                j = (i + step) % len(batches)
+                mine.append((j, model(batches[j])["prob_top"].copy()))
+            results[i] = mine
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for mine in results.values():
+        for j, got in mine:
+            np.testing.assert_array_equal(got, expected[j])
+
+
+def _python(code: str, tmp_path: Path) -> dict:
+    """Run ``code`` in a fresh interpreter (from a file: TorchScript needs the source)."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, check=False, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_imports_without_the_training_stack(exported, tmp_path: Path) -> None:
+    export_dir = exported("transformer")
+    code = f"""
+import json, sys
+for name in ("lightning", "hydra", "omegaconf", "uproot", "pytorch_lightning"):
+    sys.modules[name] = None  # any import of them now raises ImportError
+import numpy as np
+import project.inference as inference
+model = inference.load({str(export_dir)!r})
+with np.load({str(export_dir / "golden.npz")!r}) as data:
+    gold = {{k: data[k] for k in data.files}}
+diff = float(np.abs(model(gold)["prob_top"] - gold["prob_top"]).max())
+roots = {{m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}}
+print(json.dumps({{"diff": diff, "backend": model.backend,
+    "loaded": sorted(roots & {{"lightning", "hydra", "omegaconf", "uproot", "pyarrow", "awkward",
+                              "torchmetrics", "matplotlib"}}),
+    "project": sorted(m for m in sys.modules if m.startswith("project."))}}))
+"""
+    out = _python(code, tmp_path)
+    assert out["diff"] < 1e-4
+    assert out["loaded"] == []
+    assert all(
+        m.startswith(("project.inference", "project.data.contract", "project.data"))
+        for m in out["project"]
+    )
+
+
+def test_policy_too_late_is_an_error(exported, tmp_path: Path) -> None:
+    code = f"""
+import json, torch
+
+@torch.jit.script
+def negate(x: torch.Tensor) -> torch.Tensor:
+    return torch.jit.wait(torch.jit.fork(torch.neg, x))
+
+negate(torch.ones(1))  # inter-op work: the inter-op pool now exists with its default size
+import project.inference as inference
+try:
+    inference.load({str(exported("mlp"))!r}, "onnx")
+    error = None
+except inference.ThreadPolicyError as err:
+    error = str(err)
+model = inference.load({str(exported("mlp"))!r}, "onnx", threads="unrestricted")
+print(json.dumps({{"error": error, "policy": model.policy.name, "threads": model.threads}}))
+"""
+    out = _python(code, tmp_path)
+    assert out["error"]
+    assert "before any other PyTorch work" in out["error"]
+    assert out["policy"] == "unrestricted"
+    assert out["threads"]["policy"] == "unrestricted"
+
+
+def test_onnx_public_binding_api_fallback(exported, gold) -> None:
+    """The ONNX runner's fallback to the public I/O binding API gives the same result."""
+    model = load(exported("deepsets"), "onnx")
+    expected = model(gold)["prob_top"]
+    model.runner._fast = False
+    model.workspace().state.clear()
+    np.testing.assert_array_equal(model(gold)["prob_top"], expected)
+    assert model.workspace().state["onnx"][1] is None
