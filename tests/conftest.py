@@ -107,7 +107,12 @@ def exported(trained_run, tmp_path_factory: pytest.TempPathFactory):
     def get(model: str) -> Path:
         if model not in cache:
             cfg = compose_export(
-                [f"run_dir={trained_run(model)}", f"output_dir={out}", f"name={model}", "devices=[cpu]"]
+                [
+                    f"run_dir={trained_run(model)}",
+                    f"output_dir={out}",
+                    f"name={model}",
+                    "devices=[cpu]",
+                ]
             )
             cache[model] = run_export(cfg).export_dir
         return cache[model]

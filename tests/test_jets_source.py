@@ -108,9 +108,7 @@ def test_cache_is_read_back(
     # Only the cache and its sidecar (and the hidden generation lock): the temporary files
     # were renamed into place.
     visible = (p.name for p in path.parent.iterdir() if not p.name.startswith("."))
-    assert sorted(visible) == sorted(
-        [path.name, path.with_suffix(".json").name]
-    )
+    assert sorted(visible) == sorted([path.name, path.with_suffix(".json").name])
 
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("generated although the cache exists")

@@ -19,7 +19,9 @@ def generate(cfg: DictConfig) -> Path | None:
     seconds = time.perf_counter() - started
     cache = getattr(source, "cache_path", None)
     counts = {c: int(j.offsets[-1]) for c, j in data.jagged.items()}
-    print(f"{len(data)} rows from {data.source} in {seconds:.1f} s; objects per collection {counts}")
+    print(
+        f"{len(data)} rows from {data.source} in {seconds:.1f} s; objects per collection {counts}"
+    )
     if cfg.get("output") is None:
         return None
     if cache is None:

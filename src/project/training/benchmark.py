@@ -43,7 +43,9 @@ class StepTimer(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         """Start the clock once the warm-up steps are done."""
         if trainer.global_step == self.warmup and self.start is None:
             self._sync(pl_module)
@@ -130,7 +132,9 @@ def run_handwritten(cfg: DictConfig, warmup: int, steps: int, device: str) -> di
             order, position = torch.randperm(train.n_rows, device=device), 0
         idx = order[position : position + batch]
         position += batch
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(
+            device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp
+        ):
             logits = model.net(flat[idx], [j[idx] for j in jagged], [m[idx] for m in masks])
             loss = F.cross_entropy(logits.float(), labels[idx])
         optimizer.zero_grad(set_to_none=True)
