@@ -132,6 +132,22 @@ def test_nan_check_at_large_batches_and_float64_overflow(model, cols) -> None:
         model(cols)
 
 
+@pytest.mark.parametrize("n_rows", [900, 1000, 5000])
+def test_nan_found_in_every_column_at_batches_checked_in_groups(model, cols, n_rows) -> None:
+    """Above one screen's worth of values the columns are checked in concatenated groups:
+    a NaN in any of them, first or last of a group, is still found."""
+    from project.inference.benchmark import tile_golden
+
+    big = tile_golden(cols, model.contract, n_rows)
+    for name in model.contract.flat_names + list(model.contract.jagged[0].field_input_names):
+        for index in (0, -1):
+            bad = {k: v.copy() for k, v in big.items()}
+            bad[name][index] = np.nan
+            with pytest.raises(InputError, match=f"'{name}': 1 NaN"):
+                model(bad)
+    assert model(big)["prob_top"].shape == (n_rows,)
+
+
 def test_bad_arrow_and_other_inputs(model, cols) -> None:
     import pyarrow as pa
 

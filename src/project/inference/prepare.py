@@ -11,7 +11,7 @@ that names the column: a wrong answer is never returned silently.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -83,6 +83,7 @@ class InputPlan:
         self.input_names = contract.input_names
         offsets = {c[0] for c in self.collections}
         self.feature_positions = [i for i, n in enumerate(self.input_names) if n not in offsets]
+        self.n_inputs = len(self.input_names)
 
     # --- the call path ------------------------------------------------------------------
     def prepare(self, columns: Mapping[str, Any], ws: Workspace) -> tuple[list[np.ndarray], int]:
@@ -91,22 +92,26 @@ class InputPlan:
         Raises ``InputError`` for a missing column, an unsafe dtype, inconsistent lengths,
         bad offsets, or (with ``nan_policy="raise"``) NaN or Inf in a feature.
         """
-        # The common case, a contiguous float32 column, is tested inline: this loop runs
-        # once per column per call and dominates the runtime's cost at small batches.
+        # This loop runs once per column per call and dominates the runtime's cost at small
+        # batches, so the common cases are tested inline. A column that is the very array of
+        # this thread's last call, still 1-D float32, is handed over as it was then (same
+        # memory, so its current values; the backend reuses what it built on it, a tensor or
+        # a binding). Only columns that went over without a copy are remembered this way: a
+        # converted column's values may have changed in the caller's array since.
         arrays: list[np.ndarray] = []
         n_rows = -1
         n_values = 0
+        last = ws.inputs
+        if len(last) != self.n_inputs:
+            last[:] = [None] * self.n_inputs
         try:
-            for name in self.flat:
+            for pos, name in enumerate(self.flat):
                 arr = columns[name]
-                if type(arr) is not np.ndarray or arr.dtype is not F32 or arr.ndim != 1:
-                    arr = self._feature(arr, name, ws)
+                seen = last[pos]
+                if seen is not None and seen[0] is arr and arr.dtype is F32 and arr.ndim == 1:
+                    arr = seen[1]
                 else:
-                    flags = arr.flags
-                    if not flags.c_contiguous:
-                        arr = self._feature(arr, name, ws)
-                    elif not flags.writeable:
-                        arr = writable_alias(arr)
+                    arr = self._feature_input(arr, name, pos, ws)
                 n = len(arr)
                 if n != n_rows:
                     if n_rows >= 0:
@@ -117,8 +122,10 @@ class InputPlan:
                     n_rows = n
                 n_values += n
                 arrays.append(arr)
+            pos = len(self.flat)
             for offsets_name, counts_name, fields in self.collections:
                 offsets = self._offsets(columns, offsets_name, counts_name, ws)
+                pos += 1
                 rows = len(offsets) - 1
                 if rows != n_rows:
                     if n_rows >= 0:
@@ -131,14 +138,12 @@ class InputPlan:
                 total = int(offsets[-1])
                 for name in fields:
                     arr = columns[name]
-                    if type(arr) is not np.ndarray or arr.dtype is not F32 or arr.ndim != 1:
-                        arr = self._feature(arr, name, ws)
+                    seen = last[pos]
+                    if seen is not None and seen[0] is arr and arr.dtype is F32 and arr.ndim == 1:
+                        arr = seen[1]
                     else:
-                        flags = arr.flags
-                        if not flags.c_contiguous:
-                            arr = self._feature(arr, name, ws)
-                        elif not flags.writeable:
-                            arr = writable_alias(arr)
+                        arr = self._feature_input(arr, name, pos, ws)
+                    pos += 1
                     if len(arr) != total:
                         raise InputError(
                             f"jagged field {name!r} has {len(arr)} values but "
@@ -178,6 +183,18 @@ class InputPlan:
             f"the input has no column {name!r}. The model expects (by name, in any order; extra "
             f"columns are ignored): {', '.join(wanted)}. The input has: {shown or 'no columns'}"
         )
+
+    def _feature_input(self, value: Any, name: str, pos: int, ws: Workspace) -> np.ndarray:
+        """Graph input ``pos`` from feature column ``value``; remembered in ``ws.inputs`` when
+        it is ``value``'s own memory (see ``prepare``)."""
+        if type(value) is np.ndarray and value.dtype is F32 and value.ndim == 1:
+            flags = value.flags
+            if flags.c_contiguous:
+                arr = value if flags.writeable else writable_alias(value)
+                ws.inputs[pos] = (value, arr)
+                return arr
+        ws.inputs[pos] = None
+        return self._feature(value, name, ws)
 
     @staticmethod
     def _feature(value: Any, name: str, ws: Workspace) -> np.ndarray:
@@ -286,9 +303,27 @@ class InputPlan:
             values = np.concatenate(features, out=ws.get("scratch:f32", F32, n_values))
             ok = _finite(values, ws)
         else:
-            ok = all(_finite(a, ws) for a in features)
+            ok = all(_finite(group, ws) for group in self._groups(features, ws))
         if not ok:
             raise self._nonfinite(arrays)
+
+    @staticmethod
+    def _groups(features: list[np.ndarray], ws: Workspace) -> Iterator[np.ndarray]:
+        """The columns, short neighbours concatenated into scratch up to ``_DOT_LIMIT``
+        values, so that each check covers as many values as one dot product may."""
+        group: list[np.ndarray] = []
+        size = 0
+        for arr in [*features, None]:
+            n = 0 if arr is None else len(arr)
+            if group and (arr is None or size + n > _DOT_LIMIT):
+                if len(group) == 1:
+                    yield group[0]
+                else:
+                    yield np.concatenate(group, out=ws.get("scratch:f32", F32, size))
+                group, size = [], 0
+            if arr is not None:
+                group.append(arr)
+                size += n
 
     def _nonfinite(self, arrays: list[np.ndarray]) -> InputError:
         problems = []

@@ -30,6 +30,12 @@ class Workspace:
     def __init__(self) -> None:
         self.buffers: dict[str, np.ndarray] = {}
         self.state: dict[str, Any] = {}
+        # key -> the view handed out last: a call of the same size gets the same view object
+        # back, so what is built on it (a tensor sharing its memory) can be reused too.
+        self._views: dict[str, np.ndarray] = {}
+        # Per graph input, ``(column, input)`` of the last call when the column went to the
+        # backend without a copy (see ``InputPlan.prepare``), else ``None``.
+        self.inputs: list[tuple[np.ndarray, np.ndarray] | None] = []
 
     def get(self, key: str, dtype: np.dtype, n: int) -> np.ndarray:
         """A view of ``n`` items of buffer ``key``, growing it if it holds fewer.
@@ -37,12 +43,16 @@ class Workspace:
         Growth is by at least half the current size, so a slowly increasing batch size does
         not reallocate on every call. A key always has one dtype.
         """
+        view = self._views.get(key)
+        if view is not None and view.shape[0] == n:
+            return view
         buf = self.buffers.get(key)
         if buf is None or buf.shape[0] < n:
             size = n if buf is None else max(n, buf.shape[0] + buf.shape[0] // 2)
             buf = np.empty(size, dtype=dtype)
             self.buffers[key] = buf
-        return buf[:n]
+        view = self._views[key] = buf[:n]
+        return view
 
 
 class _WritableView:

@@ -60,12 +60,15 @@ class StepTimer(L.Callback):
 
 def compose_benchmark(args: argparse.Namespace, output_dir: Path) -> DictConfig:
     """The training config of one benchmark case (toy data of ``args.rows`` rows)."""
+    # The model's experiment config when there is one (experiment=mlp trains on the flat
+    # columns only, experiment=transformer sets its batch size), on toy data of the same schema.
+    experiment = CONFIG_DIR / "experiment" / f"{args.model}.yaml"
     overrides = [
+        f"experiment={args.model}" if experiment.is_file() else f"model={args.model}",
         "data=toy",
         f"data.source.n_jets={args.rows}",
         "data.split=[0.98,0.01,0.01]",
-        f"data.batch_size={args.batch_size}",
-        f"model={args.model}",
+        *([f"data.batch_size={args.batch_size}"] if args.batch_size else []),
         f"trainer.accelerator={args.accelerator}",
         f"trainer.devices={args.devices}",
         f"trainer.precision={args.precision}",
@@ -123,6 +126,9 @@ def run_handwritten(cfg: DictConfig, warmup: int, steps: int, device: str) -> di
     optimizer = hydra.utils.instantiate(cfg.model.optimizer)(params=model.net.parameters())
     amp = cfg.trainer.precision == "bf16-mixed"
     batch = int(cfg.data.batch_size)
+    # Compiled like the template's network when --compile is given, so the ratio compares
+    # the plumbing and not the compiler.
+    net = torch.compile(model.net) if cfg.model.compile else model.net
     order = torch.randperm(train.n_rows, device=device)
     position = 0
 
@@ -135,7 +141,7 @@ def run_handwritten(cfg: DictConfig, warmup: int, steps: int, device: str) -> di
         with torch.autocast(
             device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp
         ):
-            logits = model.net(flat[idx], [j[idx] for j in jagged], [m[idx] for m in masks])
+            logits = net(flat[idx], [j[idx] for j in jagged], [m[idx] for m in masks])
             loss = F.cross_entropy(logits.float(), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,7 +163,9 @@ def run_handwritten(cfg: DictConfig, warmup: int, steps: int, device: str) -> di
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``benchmark.py train``."""
     parser.add_argument("--model", default="mlp", help="model config: mlp, deepsets, transformer")
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: the model's experiment config's"
+    )
     parser.add_argument("--steps", type=int, default=200, help="timed steps")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rows", type=int, default=200_000, help="toy rows generated")
@@ -175,6 +183,7 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("PROJECT_ROOT", str(CONFIG_DIR.parent))
     out = Path(os.environ.get("BENCHMARK_DIR", "logs/benchmark")) / f"{args.model}-{args.devices}"
     cfg = compose_benchmark(args, out)
+    args.batch_size = int(cfg.data.batch_size)
     template = run_template(cfg, args.warmup, args.steps)
     if not template["is_global_zero"]:
         return 0

@@ -109,7 +109,9 @@ class ClassifierModule(L.LightningModule):
         )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        self.train_loss = MeanMetric()
+        # nan_strategy="disable": the default NaN screen calls ``.any()`` on every update, a
+        # host synchronisation per training step. A NaN loss still shows as a NaN epoch mean.
+        self.train_loss = MeanMetric(nan_strategy="disable")
         self.test_probs = CatMetric()
         self.test_labels = CatMetric()
         self._forward_net = self.model
