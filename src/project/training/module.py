@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.aggregation import CatMetric, MeanMetric
+from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import AUROC, Accuracy
 
 from project.data.contract import InputContract
@@ -109,9 +109,11 @@ class ClassifierModule(L.LightningModule):
         )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        # nan_strategy="disable": the default NaN screen calls ``.any()`` on every update, a
-        # host synchronisation per training step. A NaN loss still shows as a NaN epoch mean.
-        self.train_loss = MeanMetric(nan_strategy="disable")
+        # The epoch's training loss: a device-side running sum (one kernel per step; a
+        # torchmetrics MeanMetric costs ~0.1 ms of host time per update and, with its default
+        # NaN screen, a host synchronisation). A NaN loss shows as a NaN epoch mean.
+        self._loss_sum: Tensor | None = None
+        self._loss_steps = 0
         self.test_probs = CatMetric()
         self.test_labels = CatMetric()
         self._forward_net = self.model
@@ -141,13 +143,31 @@ class ClassifierModule(L.LightningModule):
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
-        self.train_loss.update(loss.detach())
+        value = loss.detach().float()
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_steps += 1
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's mean training loss (all ranks' steps)."""
-        self.log("train/loss", self.train_loss.compute(), prog_bar=True, sync_dist=True)
-        self.train_loss.reset()
+        """Log the epoch's mean training loss, averaged over ranks (every rank runs the same
+        number of steps: the training shards have equal sizes)."""
+        if self._loss_steps:
+            mean = self._loss_sum / self._loss_steps
+            self.log("train/loss", mean, prog_bar=True, sync_dist=True)
+        self._loss_sum, self._loss_steps = None, 0
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """A SoA batch moves column by column (non-blocking from pinned memory); a resident
+        one is already there and is returned as it is. Lightning's generic transfer walks
+        the batch with ``apply_to_collection`` on every step, ~0.1 ms of host time."""
+        if type(batch) is dict:
+            return {
+                k: v if v.device == device else v.to(device, non_blocking=True)
+                for k, v in batch.items()
+            }
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         """Validation loss and metrics, reduced across ranks at epoch end."""
