@@ -30,6 +30,12 @@ class InferenceModel:
     arrays plus ``<collection>_offsets`` or ``<collection>_counts``), a ``pyarrow.Table`` or
     ``RecordBatch``, or an awkward record array. It returns ``{output name: (n_rows,) float32}``.
 
+    Buffers: a column that is the same array object as in the calling thread's previous
+    call keeps the tensor (or ONNX Runtime binding) made for it then, and the backend reads
+    its current values: a host that refills the same buffers for every call pays no
+    per-column set-up. The model therefore keeps a reference to each thread's last
+    zero-copy columns until that thread's next call.
+
     Threads: one model may be shared by any number of threads. Each calling thread gets its own
     conversion buffers (and ONNX Runtime I/O binding) through ``threading.local``, and the
     backends' run calls are safe to call concurrently, so no lock is held around a call. (An
