@@ -351,8 +351,10 @@ def test_device_resident_path_gives_the_default_paths_batches(seed: int) -> None
     dm.setup("fit")
     default = dm._tensors["train"]
     resident = SoATensors(dm.splits["train"], dm.contract).to("cpu", resident=True)
-    assert resident.resident and not default.resident
-    assert resident._flat_matrix is not None and set(resident._field_matrices) == {"part"}
+    assert resident.resident
+    assert not default.resident
+    assert resident._flat_matrix is not None
+    assert set(resident._field_matrices) == {"part"}
     assembler = SoAAssembler(dm.contract)
     names = dm.contract.input_names
     sampler = EpochSampler(default.n_rows, True, seed=seed)

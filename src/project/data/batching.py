@@ -97,8 +97,7 @@ class SoATensors:
         if fixed_size is None:
             fixed_size = self.resident
         if self._flat_matrix is not None:
-            taken = self._flat_matrix[rows]
-            out = {name: taken[:, i] for i, name in enumerate(self.flat)}
+            out = dict(zip(self.flat, self._flat_matrix[rows].unbind(1), strict=True))
         else:
             out = {name: col[rows] for name, col in self.flat.items()}
         for coll in self.contract.jagged:
@@ -116,9 +115,9 @@ class SoATensors:
             out[coll.offsets_name] = local
             matrix = self._field_matrices.get(coll.name)
             if matrix is not None and matrix.shape[0]:
-                taken = matrix[objects.clamp_max(matrix.shape[0] - 1)]
-                for i, feat in enumerate(coll.fields):
-                    out[coll.field_input_name(feat.name)] = taken[:, i]
+                taken = matrix[objects.clamp_max(matrix.shape[0] - 1)].unbind(1)
+                for feat, column in zip(coll.fields, taken, strict=True):
+                    out[coll.field_input_name(feat.name)] = column
                 continue
             for feat, values in zip(coll.fields, self.fields[coll.name], strict=True):
                 if values.numel() == 0:  # no objects anywhere: nothing to gather from
@@ -132,9 +131,7 @@ class SoATensors:
         return out
 
 
-def _placed(
-    columns: dict, device: torch.device, stack: bool
-) -> tuple[dict, Tensor | None]:
+def _placed(columns: dict, device: torch.device, stack: bool) -> tuple[dict, Tensor | None]:
     """``columns`` on ``device``; with ``stack`` (and one dtype among them) as views of one
     ``(n, n_columns)`` matrix, which is returned too."""
     tensors = list(columns.values())
