@@ -3,7 +3,8 @@
 Reads the columns the model's contract names (Parquet: list columns ``<collection>_<field>``
 are the jagged fields; ROOT: jagged branches ``<collection>_<field>``) in steps of
 ``--step-size`` rows and writes Parquet with the rows' identifiers and one column per output.
-pyarrow is imported here (it writes the output); uproot only for ROOT inputs.
+pyarrow is imported here (it writes the output); ROOT inputs are read through the data
+layer's ROOT source (uproot), imported only for them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from project.data.contract import ContractError
 from project.inference.errors import ArtifactError, InputError
 from project.inference.model import DEFAULT_MAX_BATCH, InferenceModel, load
 from project.inference.threads import ThreadPolicyError
@@ -77,25 +79,17 @@ def parquet_batches(
         yield batch, {c: batch.column(c).to_numpy(zero_copy_only=False) for c in id_cols}
 
 
-def _single_tree(file: Any, path: Path, tree: str | None) -> Any:
-    trees = sorted({k.split(";")[0] for k, c in file.classnames().items() if c == "TTree"})
-    if tree is not None:
-        if tree not in trees:
-            raise InputError(f"{path} has no TTree {tree!r}; its TTrees: {trees}")
-        return file[tree]
-    if len(trees) != 1:
-        raise InputError(f"{path} has {len(trees)} TTrees {trees}; choose one with --tree")
-    return file[trees[0]]
-
-
 def root_batches(
     path: Path, model: InferenceModel, ids: str | None, step: int, tree: str | None
 ) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
-    """``(awkward record array of model inputs, {id column: values})`` per step of a TTree."""
-    import uproot
+    """``(awkward record array of model inputs, {id column: values})`` per step of a TTree.
 
-    with uproot.open(path) as file:
-        ttree = _single_tree(file, path, tree)
+    The tree is opened by the ROOT source of the data layer (uproot, imported only then), so
+    the runtime itself never imports it.
+    """
+    from project.data.sources.root import open_tree
+
+    with open_tree(path, tree, choose_with="--tree") as ttree:
         available = list(ttree.keys())
         needed = needed_columns(model)
         _check_present(needed, available, f"{path}:{ttree.name}")
@@ -192,6 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return run(args)
-    except (InputError, ArtifactError, ThreadPolicyError) as err:
+    except (ContractError, ArtifactError, ThreadPolicyError) as err:  # InputError included
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,9 @@ does so in ``load()`` with one ``ContractError`` that names the file, tree, bran
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import uproot
@@ -87,12 +89,7 @@ class RootSource:
 
     def _read(self, path: str) -> Iterator[tuple[ColumnarData, int]]:
         where = f"{path}:{self.tree}"
-        try:
-            file = uproot.open(path)
-        except Exception as err:
-            raise ContractError(f"{path} is not a readable ROOT file: {err}") from err
-        with file:
-            tree = _tree(file, path, self.tree)
+        with open_tree(path, self.tree) as tree:
             branches = list(tree.keys())
             jagged = [name for name in branches if _is_jagged(tree[name])]
             binding = self.spec.bind(branches, set(jagged), where, "branch")
@@ -105,6 +102,29 @@ class RootSource:
             ):
                 arrays = {name: chunk[name] for name in binding.columns}
                 yield binding.build(arrays, start=report.tree_entry_start)
+
+
+@contextlib.contextmanager
+def open_tree(
+    path: str | Path, name: str | None = None, choose_with: str = "the `tree` setting"
+) -> Iterator[Any]:
+    """The TTree ``name`` of the ROOT file at ``path`` (default: the file's only TTree), open
+    while the block runs. A ``ContractError`` says so when the file cannot be read, and lists
+    the file's trees when there is no such tree, or when there are several and none was named
+    (``choose_with`` says how to name one, in the caller's words)."""
+    try:
+        file = uproot.open(path)
+    except Exception as err:
+        raise ContractError(f"{path} is not a readable ROOT file: {err}") from err
+    with file:
+        if name is None:
+            trees = sorted({k.split(";")[0] for k, c in file.classnames().items() if c == "TTree"})
+            if len(trees) != 1:
+                raise ContractError(
+                    f"{path} has {len(trees)} TTrees {trees}; choose one with {choose_with}"
+                )
+            name = trees[0]
+        yield _tree(file, str(path), name)
 
 
 def _tree(file: Any, path: str, name: str) -> Any:
