@@ -1,7 +1,7 @@
 """Benchmarks: ``python scripts/benchmark.py {inference,train} ...`` (``--help`` per subcommand).
 
 One subcommand per stage; each one's logic lives in the package
-(``project.inference.benchmark``, ``project.training.benchmark``).
+(``project.deploy.benchmark``, ``project.training.benchmark``).
 """
 
 import argparse
@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from project.inference import benchmark as inference
+    from project.deploy import benchmark as inference
 
     sub = commands.add_parser(
         "inference", help="latency per backend and batch size, raw vs the SoA runtime vs eager"

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from project.inference import FORMATS, PREFERENCE, ParityFailedError, load
-from project.inference.benchmark import tile_golden
 from project.inference.cli import main as cli_main
+from project.inference.columns import tile_golden
 from project.inference.threads import ThreadPolicy, apply_torch_policy
 
 # The inter-op pool can be sized only before any inter-op work in this process, so the
@@ -283,7 +283,7 @@ def test_cli_real_root_file_without_the_columns(exported, tmp_path: Path) -> Non
 
 
 def test_benchmark_runs(exported) -> None:
-    from project.inference.benchmark import format_report, run
+    from project.deploy.benchmark import format_report, run
 
     result = run(exported("deepsets"), ["onnx", "aoti"], [1, 3], budget=0.01)
     assert {"raw", "full", "no_scan", "soa"} <= set(result["rows"][0])

@@ -120,7 +120,7 @@ def test_nan_and_inf_are_refused(model, exported, cols, column: str, bad: float)
 
 
 def test_nan_check_at_large_batches_and_float64_overflow(model, cols) -> None:
-    from project.inference.benchmark import tile_golden
+    from project.inference.columns import tile_golden
 
     big = tile_golden(cols, model.contract, 3000)  # beyond the small-batch fast path
     big["part_erel"][-1] = np.nan
@@ -136,7 +136,7 @@ def test_nan_check_at_large_batches_and_float64_overflow(model, cols) -> None:
 def test_nan_found_in_every_column_at_batches_checked_in_groups(model, cols, n_rows) -> None:
     """Above one screen's worth of values the columns are checked in concatenated groups:
     a NaN in any of them, first or last of a group, is still found."""
-    from project.inference.benchmark import tile_golden
+    from project.inference.columns import tile_golden
 
     big = tile_golden(cols, model.contract, n_rows)
     for name in model.contract.flat_names + list(model.contract.jagged[0].field_input_names):

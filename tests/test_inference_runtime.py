@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from project.inference import FORMATS, ThreadPolicyError, load
-from project.inference.benchmark import tile_golden
+from project.inference.columns import tile_golden
 from project.inference.threads import ThreadPolicy, apply_torch_policy
 
 # The inter-op pool can be sized only before any inter-op work in this process, so the

@@ -16,7 +16,9 @@
   ``model.threads``). One loaded model may be shared by many threads: each thread gets its own
   buffers, and results do not depend on the number of threads.
 - ``python -m project.inference EXPORT_DIR INPUT --out OUTPUT`` scores a Parquet or ROOT file.
-  pyarrow, awkward and uproot are imported only when such inputs are used.
+  pyarrow and awkward are imported only when such inputs are used; a ROOT file is opened by
+  the data layer's ROOT source (uproot), so the runtime itself imports no training-side or
+  file-format package.
 """
 
 from project.inference.backends import FORMATS

@@ -184,3 +184,23 @@ def to_columns(inputs: Any, contract: InputContract) -> Mapping[str, Any]:
     if kind == "arrow":
         return from_arrow(inputs, contract)
     return from_awkward(inputs, contract)
+
+
+def tile_golden(
+    golden: dict[str, np.ndarray], contract: InputContract, batch: int
+) -> dict[str, np.ndarray]:
+    """The golden rows repeated to ``batch`` rows, as contiguous SoA columns."""
+    n = len(golden[contract.input_names[0]]) - (0 if contract.flat else 1)
+    rows = np.arange(batch) % n
+    cols = {name: np.ascontiguousarray(golden[name][rows]) for name in contract.flat_names}
+    for coll in contract.jagged:
+        offsets = golden[coll.offsets_name]
+        counts = np.diff(offsets)[rows]
+        new = np.zeros(batch + 1, dtype=np.int64)
+        np.cumsum(counts, out=new[1:])
+        # Object j of new row i comes from old object offsets[rows[i]] + (j - new[i]).
+        objects = np.repeat(offsets[rows] - new[:-1], counts) + np.arange(new[-1])
+        cols[coll.offsets_name] = new
+        for name in coll.field_input_names:
+            cols[name] = np.ascontiguousarray(golden[name][objects])
+    return cols

@@ -1,5 +1,8 @@
 """``scripts/benchmark.py inference``: latency of each backend, raw and through the SoA runtime.
 
+It lives on the deploy side, not in ``project.inference``: it rebuilds the eager graph from
+the export's checkpoint (training code), which the standalone runtime never imports.
+
 For each backend and batch size it measures, on one thread, the median latency of
 (a) ``raw``: the backend alone on ready inputs (TorchScript/AOTInductor: the raw backend of
 ``backends.py`` on ready tensors; ONNX: ``InferenceSession.run`` on ready numpy arrays), and
@@ -9,8 +12,7 @@ deploy graph rebuilt from the export's checkpoint. At the batch sizes with targe
 measures the full call without the NaN/Inf scan (``nan_policy="ignore"``) and the SoA work
 alone (the full call with the backend's computation replaced by a no-op), which is what the
 targets are judged on. The calls being compared alternate, so they see the same machine load.
-Inputs are the export's golden rows tiled to the batch size. Unlike the runtime, this module
-may import training-side code (for the eager graph).
+Inputs are the export's golden rows tiled to the batch size.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from project.inference.columns import tile_golden
 from project.inference.threads import ThreadPolicy, apply_torch_policy
 
 BATCH_SIZES = (1, 64, 1024, 16384)
@@ -34,24 +37,6 @@ TARGETS = {1: 0.20, 1024: 0.03}  # allowed SoA overhead over the raw backend, by
 # CPU time of the calling thread: with one thread doing all the work (the deployment policy)
 # it is the latency of an idle machine, without the time spent waiting for a busy core.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-
-
-def tile_golden(golden: dict[str, np.ndarray], contract: Any, batch: int) -> dict[str, np.ndarray]:
-    """The golden rows repeated to ``batch`` rows, as contiguous SoA columns."""
-    n = len(golden[contract.input_names[0]]) - (0 if contract.flat else 1)
-    rows = np.arange(batch) % n
-    cols = {name: np.ascontiguousarray(golden[name][rows]) for name in contract.flat_names}
-    for coll in contract.jagged:
-        offsets = golden[coll.offsets_name]
-        counts = np.diff(offsets)[rows]
-        new = np.zeros(batch + 1, dtype=np.int64)
-        np.cumsum(counts, out=new[1:])
-        # Object j of new row i comes from old object offsets[rows[i]] + (j - new[i]).
-        objects = np.repeat(offsets[rows] - new[:-1], counts) + np.arange(new[-1])
-        cols[coll.offsets_name] = new
-        for name in coll.field_input_names:
-            cols[name] = np.ascontiguousarray(golden[name][objects])
-    return cols
 
 
 def medians(
