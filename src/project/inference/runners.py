@@ -60,7 +60,7 @@ class TorchRunner(Runner):
         # that is the same array object as in this thread's last call keeps its tensor (same
         # memory, so the current values); arrays and tensors are kept until the next call.
         last = ws.state.get("torch")
-        if last is None or len(last[0]) != len(arrays):
+        if last is None:
             tensors = [_from_numpy(a) for a in arrays]
         elif all(map(is_, arrays, last[0])):
             tensors = last[1]
