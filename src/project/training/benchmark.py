@@ -5,9 +5,11 @@ optimiser, batch size, precision and data, for a fixed number of steps after a w
 
 (a) ``template``: the real ``SoADataModule`` + ``ClassifierModule`` + Lightning ``Trainer``
     composed from ``configs/`` (validation, checkpoints and the progress bar off, a CSV
-    logger on), on any number of devices;
+    logger on), on any number of devices; on one GPU its training forward and backward run
+    in CUDA graphs, as they do by default (``model.cuda_graphs=false`` turns them off);
 (b) ``handwritten``: a minimal PyTorch loop over GPU-resident (or host) tensors that were
-    assembled once, sliced by a device-side permutation: the ceiling the plumbing can reach.
+    assembled once, sliced by a device-side permutation, eager (``--loop-graphs`` captures
+    its forward and backward too, for a like-for-like comparison of the plumbing alone).
 
 Throughput is rows per second over the timed steps, summed over all devices.
 """
@@ -106,11 +108,28 @@ def run_template(cfg: DictConfig, warmup: int, steps: int) -> dict[str, Any]:
         "world_size": trainer.world_size,
         "is_global_zero": trainer.is_global_zero,
         "resident": datamodule._tensors["train"].device.type != "cpu",
+        "graph_steps": model.cuda_graph_steps,
     }
 
 
-def run_handwritten(cfg: DictConfig, warmup: int, steps: int, device: str) -> dict[str, Any]:
-    """The same network, optimiser and data in a minimal loop over pre-assembled tensors."""
+class _NetColumns(torch.nn.Module):
+    """The network on ``(flat, *jagged, *masks)`` as positional tensors (the form CUDA graph
+    capture takes)."""
+
+    def __init__(self, net: torch.nn.Module, n_jagged: int) -> None:
+        super().__init__()
+        self.net, self.n_jagged = net, n_jagged
+
+    def forward(self, flat: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        n = self.n_jagged
+        return self.net(flat, list(rest[:n]), list(rest[n:]))
+
+
+def run_handwritten(
+    cfg: DictConfig, warmup: int, steps: int, device: str, graphs: bool = False
+) -> dict[str, Any]:
+    """The same network, optimiser and data in a minimal loop over pre-assembled tensors
+    (with ``graphs``, its forward and backward captured in CUDA graphs)."""
     from project.training.module import build_classifier
 
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
@@ -132,6 +151,14 @@ def run_handwritten(cfg: DictConfig, warmup: int, steps: int, device: str) -> di
     net = torch.compile(model.net) if cfg.model.compile else model.net
     order = torch.randperm(train.n_rows, device=device)
     position = 0
+    if graphs:
+        idx = order[:batch]
+        samples = (flat[idx], *(j[idx] for j in jagged), *(m[idx] for m in masks))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+            graphed = torch.cuda.make_graphed_callables(
+                _NetColumns(model.net, len(jagged)), samples, allow_unused_input=True
+            )
+        net = lambda f, js, ms: graphed(f, *js, *ms)  # noqa: E731
 
     def step() -> None:
         nonlocal order, position
@@ -176,6 +203,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--skip-handwritten", action="store_true")
     parser.add_argument(
+        "--loop-graphs",
+        action="store_true",
+        help="capture the hand-written loop's forward and backward in CUDA graphs too",
+    )
+    parser.add_argument(
         "--repeats", type=int, default=3, help="alternating runs of each side (one device)"
     )
     parser.add_argument("--json", type=Path, help="append the result as a JSON line here")
@@ -201,24 +233,28 @@ def main(args: argparse.Namespace) -> int:
             return 0
         runs.append(template["rows_per_s"])
         if not args.skip_handwritten:
-            loops.append(run_handwritten(cfg, args.warmup, args.steps, device)["rows_per_s"])
+            loop = run_handwritten(cfg, args.warmup, args.steps, device, args.loop_graphs)
+            loops.append(loop["rows_per_s"])
     rate = statistics.median(runs)
     hand = statistics.median(loops) if loops else None
     row = {
         "model": args.model, "device": device, "devices": template["world_size"],
         "precision": args.precision, "compile": args.compile, "batch": args.batch_size,
         "resident": template["resident"], "repeats": repeats,
+        "graph_steps": template["graph_steps"], "loop_graphs": args.loop_graphs,
         "template_rows_s": round(rate), "handwritten_rows_s": None if hand is None else round(hand),
         "ratio": None if hand is None else round(rate / hand, 3),
         "template_all": [round(r) for r in runs], "handwritten_all": [round(r) for r in loops],
     }  # fmt: skip
+    graphs = f"{'on' if row['graph_steps'] else 'off'}/{'on' if args.loop_graphs else 'off'}"
     print(
         f"{'model':<12}{'device':<7}{'n':>3} {'precision':<11}{'batch':>6}{'resident':>9}"
-        f"{'template rows/s':>17}{'loop rows/s':>13}{'ratio':>7}   (median of {repeats}; all runs)"
+        f"{'graphs':>8}{'template rows/s':>17}{'loop rows/s':>13}{'ratio':>7}"
+        f"   (median of {repeats}; all runs)"
     )
     print(
         f"{row['model']:<12}{row['device']:<7}{row['devices']:>3} {row['precision']:<11}"
-        f"{row['batch']:>6}{row['resident']!s:>9}{row['template_rows_s']:>17}"
+        f"{row['batch']:>6}{row['resident']!s:>9}{graphs:>8}{row['template_rows_s']:>17}"
         f"{row['handwritten_rows_s'] or '-':>13}{row['ratio'] or '-':>7}   "
         f"template {row['template_all']}, loop {row['handwritten_all'] or '-'}"
     )

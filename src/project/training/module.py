@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,10 @@ from torchmetrics.classification import AUROC, Accuracy
 
 from project.data.contract import InputContract
 from project.soa.assembler import SoAAssembler
+from project.training.graphs import GraphedForward, graphs_unavailable
 from project.utils import build_from_config
+
+log = logging.getLogger(__name__)
 
 
 def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any] | None:
@@ -69,7 +73,18 @@ class ClassifierModule(L.LightningModule):
         Cross-entropy label smoothing.
     compile
         Wrap the network in ``torch.compile`` for training.
+    cuda_graphs
+        On a single CUDA device, capture the training forward and backward in CUDA graphs
+        (``project.training.graphs``; off by itself elsewhere, with the reason logged). Set
+        it false for a network with Python control flow on tensor values.
     """
+
+    # Attributes set on every training step that are never parameters, buffers or
+    # submodules are set directly, without ``nn.Module.__setattr__``'s registry checks:
+    # Lightning sets ``_current_fx_name`` before and after every hook it calls, about 40
+    # times a step, which through ``nn.Module.__setattr__`` costs ~0.1 ms of host time a
+    # step, a tenth of a small model's step on a GPU.
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_loss_sum", "_loss_steps"})
 
     def __init__(
         self,
@@ -79,6 +94,7 @@ class ClassifierModule(L.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
         compile: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -89,6 +105,7 @@ class ClassifierModule(L.LightningModule):
                 "scheduler": _plain(scheduler),
                 "label_smoothing": float(label_smoothing),
                 "compile": bool(compile),
+                "cuda_graphs": bool(cuda_graphs),
             }
         )
         self.contract = InputContract.from_dict(self.hparams.contract)
@@ -117,15 +134,50 @@ class ClassifierModule(L.LightningModule):
         self.test_probs = CatMetric()
         self.test_labels = CatMetric()
         self._forward_net = self.model
+        self._graphed: GraphedForward | None = None
+        self.cuda_graph_steps = 0  # training steps replayed from CUDA graphs in the last fit
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ClassifierModule._PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def setup(self, stage: str) -> None:
         """Compile the network on the training device if asked."""
         if self.hparams.compile and stage == "fit":
             self._forward_net = torch.compile(self.model)
 
+    def on_train_start(self) -> None:
+        """Decide whether the training forward runs in CUDA graphs (captured on the first
+        batch, see ``project.training.graphs``)."""
+        self._graphed = None
+        if not self.hparams.cuda_graphs:
+            return
+        reason = graphs_unavailable(
+            self.device,
+            self.trainer.world_size,
+            self.trainer.accumulate_grad_batches,
+            self._forward_net is not self.model,
+        )
+        if reason is None:
+            self._graphed = GraphedForward(self.model)
+        else:
+            log.info("training forward runs eagerly: %s", reason)
+
+    def on_train_end(self) -> None:
+        """Release the graphs (and the memory they hold) once training is over."""
+        self.cuda_graph_steps = self._graphed.replays if self._graphed is not None else 0
+        self._graphed = None
+
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Logits ``(batch, n_classes)`` of a SoA batch."""
-        return self._forward_net([batch[name] for name in self.input_names])
+        inputs = [batch[name] for name in self.input_names]
+        if self._graphed is not None and self.training:
+            logits = self._graphed(inputs)
+            if logits is not None:
+                return logits
+        return self._forward_net(inputs)
 
     def _metric_inputs(self, logits: Tensor) -> Tensor:
         probs = logits.softmax(dim=-1)

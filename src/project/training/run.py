@@ -113,6 +113,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "world_size": trainer.world_size,
+        "cuda_graph_steps": getattr(model, "cuda_graph_steps", 0),
         "resumed_from": ckpt_path,
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
     }
