@@ -75,7 +75,7 @@ class ClassifierModule(L.LightningModule):
         Wrap the network in ``torch.compile`` for training.
     cuda_graphs
         On a single CUDA device, capture the training forward and backward in CUDA graphs
-        (``project.training.graphs``; off by itself elsewhere, with the reason logged). Set
+        (``project.training.graphs``; off by itself elsewhere, and said why on a GPU). Set
         it false for a network with Python control flow on tensor values.
     """
 
@@ -163,8 +163,8 @@ class ClassifierModule(L.LightningModule):
         )
         if reason is None:
             self._graphed = GraphedForward(self.model)
-        else:
-            log.info("training forward runs eagerly: %s", reason)
+        elif self.device.type == "cuda":  # said where graphs were possible but are off
+            log.info("training forward runs eagerly (no CUDA graphs): %s", reason)
 
     def on_train_end(self) -> None:
         """Release the graphs (and the memory they hold) once training is over."""
