@@ -83,3 +83,26 @@ def test_columns_of_one_matrix_reach_the_graph_in_one_copy() -> None:
     swapped = second.unbind(1)
     reordered = [swapped[1], swapped[0], swapped[2], torch.zeros(5)]
     assert matrix.load(reordered) is reordered
+
+
+def test_graphs_are_released_when_batch_shapes_keep_changing() -> None:
+    # The capture itself needs a GPU; the shape policy around it does not. A stand-in for the
+    # captured graphs records which batches reach it.
+    graphed = GraphedForward(torch.nn.Identity())
+    replayed: list[int] = []
+    graphed._graphed = lambda *cols: replayed.append(len(cols[0])) or cols[0]
+    graphed.shapes = (torch.Size([4]),)
+    # Full batches replay; an epoch's short last batch alone does not end the graphs.
+    for n in [4, 4, 4, 3, 4, 4]:
+        out = graphed([torch.zeros(n)])
+        assert (out is None) == (n != 4)
+    assert graphed.replays == 5
+    assert graphed.other_shapes == 1
+    assert graphed.failed is None
+    # Batches whose shapes keep changing (jagged batches formed on the host): released.
+    for n in range(5, 5 + GraphedForward.give_up_after + 5):
+        assert graphed([torch.zeros(n)]) is None
+    assert graphed.failed == "the input shapes vary from batch to batch"
+    assert graphed._graphed is None
+    assert graphed([torch.zeros(4)]) is None  # eager from now on
+    assert replayed == [4] * 5

@@ -60,8 +60,13 @@ class GraphedForward:
 
     Captured on the first call, with that call's input shapes; later calls with the same
     shapes replay the graphs (the inputs are copied into the graph's input buffers), other
-    shapes return None and the caller runs the model eagerly.
+    shapes return None and the caller runs the model eagerly. When most batches differ in
+    shape from the captured one (jagged batches formed on the host, whose object counts
+    vary), the graphs are released after ``give_up_after`` such batches and training goes on
+    eagerly.
     """
+
+    give_up_after = 8
 
     def __init__(self, model: nn.Module, warmup: int = 3) -> None:
         self.model = model
@@ -69,6 +74,7 @@ class GraphedForward:
         self.shapes: tuple[torch.Size, ...] | None = None
         self.failed: str | None = None
         self.replays = 0
+        self.other_shapes = 0  # batches run eagerly because their shapes differ
         self._graphed: Callable[..., Tensor] | None = None
         self._matrices: list[_Matrix] = []
 
@@ -81,6 +87,11 @@ class GraphedForward:
             if self._graphed is None:
                 return None
         if tuple(t.shape for t in inputs) != self.shapes:
+            self.other_shapes += 1
+            if self.other_shapes >= self.give_up_after and self.other_shapes > self.replays:
+                self.failed = "the input shapes vary from batch to batch"
+                self._graphed, self._matrices = None, []  # release the graphs and buffers
+                log.info("CUDA graphs released, training runs eagerly: %s", self.failed)
             return None
         for matrix in self._matrices:
             inputs = matrix.load(inputs)
