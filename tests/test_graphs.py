@@ -37,7 +37,7 @@ def test_failed_capture_falls_back_to_eager_with_a_warning() -> None:
     assert graphed.replays == 0
 
 
-def test_training_off_cuda_runs_eagerly_and_says_so(train_cfg) -> None:
+def test_training_off_cuda_runs_eagerly_with_no_graph_steps(train_cfg) -> None:
     from project.training.run import train
 
     assert train_cfg.model.cuda_graphs is True  # the default; the CPU switches it off

@@ -113,16 +113,16 @@ def run_template(cfg: DictConfig, warmup: int, steps: int) -> dict[str, Any]:
 
 
 class _NetColumns(torch.nn.Module):
-    """The network on ``(flat, *jagged, *masks)`` as positional tensors (the form CUDA graph
-    capture takes)."""
+    """The network on one list ``[flat, *jagged, *masks]``, the form ``GraphedForward``
+    replays."""
 
     def __init__(self, net: torch.nn.Module, n_jagged: int) -> None:
         super().__init__()
         self.net, self.n_jagged = net, n_jagged
 
-    def forward(self, flat: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    def forward(self, columns: list[torch.Tensor]) -> torch.Tensor:
         n = self.n_jagged
-        return self.net(flat, list(rest[:n]), list(rest[n:]))
+        return self.net(columns[0], columns[1 : 1 + n], columns[1 + n :])
 
 
 def run_handwritten(
@@ -130,6 +130,7 @@ def run_handwritten(
 ) -> dict[str, Any]:
     """The same network, optimiser and data in a minimal loop over pre-assembled tensors
     (with ``graphs``, its forward and backward captured in CUDA graphs)."""
+    from project.training.graphs import GraphedForward
     from project.training.module import build_classifier
 
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
@@ -151,14 +152,8 @@ def run_handwritten(
     net = torch.compile(model.net) if cfg.model.compile else model.net
     order = torch.randperm(train.n_rows, device=device)
     position = 0
-    if graphs:
-        idx = order[:batch]
-        samples = (flat[idx], *(j[idx] for j in jagged), *(m[idx] for m in masks))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-            graphed = torch.cuda.make_graphed_callables(
-                _NetColumns(model.net, len(jagged)), samples, allow_unused_input=True
-            )
-        net = lambda f, js, ms: graphed(f, *js, *ms)  # noqa: E731
+    # Captured on the first warm-up step by the template's own capture code.
+    graphed = GraphedForward(_NetColumns(model.net, len(jagged))) if graphs else None
 
     def step() -> None:
         nonlocal order, position
@@ -169,7 +164,11 @@ def run_handwritten(
         with torch.autocast(
             device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp
         ):
-            logits = net(flat[idx], [j[idx] for j in jagged], [m[idx] for m in masks])
+            logits = None
+            if graphed is not None:
+                logits = graphed([flat[idx], *(j[idx] for j in jagged), *(m[idx] for m in masks)])
+            if logits is None:
+                logits = net(flat[idx], [j[idx] for j in jagged], [m[idx] for m in masks])
             loss = F.cross_entropy(logits.float(), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
