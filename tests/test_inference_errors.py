@@ -132,6 +132,39 @@ def test_nan_check_at_large_batches_and_float64_overflow(model, cols) -> None:
         model(cols)
 
 
+def test_nan_and_inf_in_one_row_of_flat_columns() -> None:
+    """One event at a time with flat columns only (as the jet MLP's contract has; its own
+    screen, the row's values summed): NaN, Inf and -Inf are found in every column, on the
+    first call and on the same arrays again; the largest finite float32 values in all of
+    them at once are not mistaken for an overflow."""
+    from project.data.contract import Feature, InputContract
+    from project.inference.prepare import InputPlan
+    from project.inference.workspace import Workspace
+
+    names = [f"x{i}" for i in range(9)]
+    plan = InputPlan(InputContract(flat=tuple(Feature(n) for n in names)))
+    ws = Workspace()
+    row = {n: np.ones(1, np.float32) for n in names}
+    arrays, n_rows = plan.prepare(row, ws)
+    assert n_rows == 1
+    assert all(a is row[n] for a, n in zip(arrays, names, strict=True))  # no copies
+    for name in names:
+        for bad in (np.nan, np.inf, -np.inf):
+            for fresh in (False, True):
+                plan.prepare(row, ws)  # the same arrays as the last call: the short path
+                row[name][0] = bad
+                cols = {k: v.copy() for k, v in row.items()} if fresh else row
+                with pytest.raises(InputError, match=f"'{name}': {int(np.isnan(bad))} NaN"):
+                    plan.prepare(cols, ws)
+                row[name][0] = 1.0
+    row[names[0]][0], row[names[1]][0] = np.inf, -np.inf  # NaN only as a sum
+    with pytest.raises(InputError, match=f"'{names[0]}': 0 NaN and 1 Inf"):
+        plan.prepare(row, ws)
+    huge = {n: np.full(1, np.finfo(np.float32).max, np.float32) for n in names}
+    assert plan.prepare(huge, ws)[1] == 1
+    assert plan.prepare(huge, ws)[1] == 1  # and again on the short path
+
+
 @pytest.mark.parametrize("n_rows", [900, 1000, 5000])
 def test_nan_found_in_every_column_at_batches_checked_in_groups(model, cols, n_rows) -> None:
     """Above one screen's worth of values the columns are checked in concatenated groups:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from project.inference import FORMATS, ThreadPolicyError, load
+from project.inference import FORMATS, InputError, ThreadPolicyError, load
 from project.inference.columns import tile_golden
 from project.inference.threads import ThreadPolicy, apply_torch_policy
 
@@ -62,13 +62,13 @@ def _spy_pointers(model, warm_up: dict[str, np.ndarray]) -> list[int]:
         assert device is not None, "the low-level ONNX Runtime binding is expected here"
         ws.state["onnx"] = (SpyBinding(model.runner.session._sess), device)
     else:
-        backend = model.runner.backend
+        call = model.runner.call
 
         def spy(tensors):
             seen.extend(t.data_ptr() for t in tensors)
-            return backend(tensors)
+            return call(tensors)
 
-        model.runner.backend = spy
+        model.runner.call = spy
     return seen
 
 
@@ -165,6 +165,100 @@ def test_columns_refilled_in_place_give_their_new_values(models, gold, fmt: str)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_same_columns_again_are_checked_again(models, gold, fmt: str) -> None:
+    """The very arrays of the last call, all handed over without a copy, skip the column
+    matching but not the checks: values refilled in place are read and screened, offsets
+    re-checked, and an array given another dtype or shape in place is taken as it now is."""
+    model = models[fmt]
+    cols = tile_golden(gold, model.contract, 30)
+    ws = model.workspace()
+    first = model(cols)["prob_top"].copy()
+    assert ws.same_inputs is not None  # all zero-copy: the next call may take the short path
+    assert ws.same_inputs[0][0] is cols[model.input_names[0]]
+    np.testing.assert_array_equal(model(cols)["prob_top"], first)
+
+    def fresh() -> np.ndarray:  # what the same values give through the general path
+        return model({k: v.copy() for k, v in cols.items()})["prob_top"]
+
+    def again_equals_fresh() -> None:
+        model(cols)  # make ``cols`` this thread's last inputs once more
+        expected = fresh()
+        model(cols)
+        np.testing.assert_array_equal(model(cols)["prob_top"], expected)
+
+    rng = np.random.default_rng(5)
+    for name in model.contract.flat_names:
+        cols[name][:] = rng.permutation(cols[name])
+    field = model.contract.jagged[0].field_input_names[0]
+    cols[field] *= 0.5
+    model(cols)
+    again_equals_fresh()
+    assert not np.allclose(model(cols)["prob_top"], first)
+
+    # Values that turn bad in place are caught on the short path too.
+    for name, where in ((model.contract.flat_names[0], 7), (field, -1)):
+        saved = cols[name][where]
+        for bad in (np.nan, np.inf):
+            model(cols)
+            cols[name][where] = bad
+            with pytest.raises(InputError, match=name):
+                model(cols)
+            cols[name][where] = saved
+    offsets = cols["part_offsets"]
+    model(cols)
+    offsets[5], saved = offsets[4] - 1, offsets[5]
+    with pytest.raises(InputError, match="decreases at row 4"):
+        model(cols)
+    offsets[5] = saved
+    model(cols)
+    offsets[-1] -= 1
+    with pytest.raises(InputError, match="do not match"):
+        model(cols)
+    offsets[-1] += 1
+    np.testing.assert_array_equal(model(cols)["prob_top"], fresh())
+
+    # A dtype set in place (float32 bits read as int32 values) or a shape set in place is
+    # seen: the column is taken as the array it now is, not as it was.
+    name = model.contract.flat_names[1]
+    before = model(cols)["prob_top"].copy()
+    cols[name].dtype = np.int32
+    try:
+        again = model(cols)["prob_top"]
+        np.testing.assert_array_equal(again, fresh())
+        assert not np.array_equal(again, before)
+    finally:
+        cols[name].dtype = np.float32
+    model(cols)
+    cols[name].shape = (15, 2)
+    try:
+        with pytest.raises(InputError, match=name):
+            model(cols)
+    finally:
+        cols[name].shape = (30,)
+    np.testing.assert_array_equal(model(cols)["prob_top"], fresh())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_counts_refilled_in_place_give_their_new_offsets(models, gold, fmt: str) -> None:
+    """Offsets made from counts live in the model's buffer: never the short path, so counts
+    refilled in place are turned into offsets again."""
+    model = models[fmt]
+    cols = tile_golden(gold, model.contract, 30)
+    counts = np.diff(cols.pop("part_offsets"))
+    cols["part_counts"] = counts
+    first = model(cols)["prob_top"].copy()
+    assert model.workspace().same_inputs is None
+    moved = counts[3]  # move one particle's worth of count from row 3 to row 4
+    assert moved > 0
+    counts[3] -= 1
+    counts[4] += 1
+    expected = model({k: v.copy() for k, v in cols.items()})["prob_top"]
+    again = model(cols)["prob_top"]
+    np.testing.assert_array_equal(again, expected)
+    assert not np.array_equal(again[3:5], first[3:5])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_thread_counts_inside_a_call_are_one(models, gold, fmt: str) -> None:
     model = models[fmt]
     assert model.policy == ThreadPolicy.single()
@@ -185,13 +279,13 @@ def test_thread_counts_inside_a_call_are_one(models, gold, fmt: str) -> None:
 
         model.runner.run = record
     else:
-        backend = model.runner.backend
+        call = model.runner.call
 
         def record(tensors):
             observed.append((torch.get_num_threads(), torch.get_num_interop_threads()))
-            return backend(tensors)
+            return call(tensors)
 
-        model.runner.backend = record
+        model.runner.call = record
     try:
         model(gold)
         worker = threading.Thread(target=model, args=(gold,))
@@ -200,7 +294,7 @@ def test_thread_counts_inside_a_call_are_one(models, gold, fmt: str) -> None:
     finally:
         vars(model.runner).pop("run", None)
         if fmt != "onnx":
-            model.runner.backend = backend
+            model.runner.call = call
     assert observed == [(1, 1), (1, 1)]
     # Someone changing PyTorch's threads after load is caught, not run with.
     torch.set_num_threads(2)

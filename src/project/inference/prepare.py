@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from operator import attrgetter, is_
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,11 @@ NAN_POLICIES = ("raise", "ignore")
 # Finiteness checks by dot product on at most this many values (see ``_finite``).
 _DOT_LIMIT = 8192
 _I64_MAX = np.iinfo(np.int64).max
+# What an array can have changed in place since a call took it without a copy: its dtype,
+# shape and strides (numpy lets all three be set on an existing array). Its memory cannot
+# move while the workspace holds a reference to it (``ndarray.resize`` refuses).
+_layout = attrgetter("dtype", "shape", "strides")
+_item = np.ndarray.item
 
 
 def _finite(values: np.ndarray, ws: Workspace) -> bool:
@@ -84,6 +90,7 @@ class InputPlan:
         offsets = {c[0] for c in self.collections}
         self.feature_positions = [i for i, n in enumerate(self.input_names) if n not in offsets]
         self.n_inputs = len(self.input_names)
+        self.n_flat = len(self.flat)
 
     # --- the call path ------------------------------------------------------------------
     def prepare(self, columns: Mapping[str, Any], ws: Workspace) -> tuple[list[np.ndarray], int]:
@@ -92,12 +99,63 @@ class InputPlan:
         Raises ``InputError`` for a missing column, an unsafe dtype, inconsistent lengths,
         bad offsets, or (with ``nan_policy="raise"``) NaN or Inf in a feature.
         """
-        # This loop runs once per column per call and dominates the runtime's cost at small
-        # batches, so the common cases are tested inline. A column that is the very array of
-        # this thread's last call, still 1-D float32, is handed over as it was then (same
-        # memory, so its current values; the backend reuses what it built on it, a tensor or
-        # a binding). Only columns that went over without a copy are remembered this way: a
-        # converted column's values may have changed in the caller's array since.
+        # A host that fills the same arrays for every call (a framework's per-event buffers,
+        # the common case) passes the very column objects of this thread's last call. When
+        # that call handed every one of them over without a copy, and none has since been
+        # given another dtype or layout in place, the inputs are those of the last call
+        # again: only what can have changed, the values, is checked (offsets, finiteness).
+        same = ws.same_inputs
+        if same is not None:
+            try:
+                got = list(map(columns.__getitem__, self.input_names))
+            except (KeyError, TypeError):
+                got = None
+            if (
+                got is not None
+                and all(map(is_, got, same[0]))
+                and list(map(_layout, got)) == same[1]
+            ):
+                return self._same_inputs(same[2], same[3], ws)
+        arrays, n_rows, zero_copy = self._prepare(columns, ws)
+        if zero_copy:
+            got = [columns[name] for name in self.input_names]
+            ws.same_inputs = (got, list(map(_layout, got)), arrays, n_rows)
+        else:
+            ws.same_inputs = None
+        return arrays, n_rows
+
+    def _same_inputs(
+        self, arrays: list[np.ndarray], n_rows: int, ws: Workspace
+    ) -> tuple[list[np.ndarray], int]:
+        """``prepare`` for the inputs of the last call again: offsets and values re-checked."""
+        n_values = n_rows * self.n_flat
+        pos = self.n_flat
+        for offsets_name, _, fields in self.collections:
+            offsets = arrays[pos]
+            self._check_offsets(offsets, offsets_name, ws)
+            total = int(offsets[-1])
+            for i in range(pos + 1, pos + 1 + len(fields)):
+                if len(arrays[i]) != total:
+                    raise InputError(
+                        f"jagged field {self.input_names[i]!r} has {len(arrays[i])} values "
+                        f"but {offsets_name}[-1] is {total}: the offsets do not match the field"
+                    )
+            n_values += total * len(fields)
+            pos += 1 + len(fields)
+        if self.nan_policy == "raise":
+            self._check_finite(arrays, n_values, ws)
+        return arrays, n_rows
+
+    def _prepare(
+        self, columns: Mapping[str, Any], ws: Workspace
+    ) -> tuple[list[np.ndarray], int, bool]:
+        """``prepare`` column by column; also says whether every input went without a copy."""
+        # This loop runs once per column per call, so the common cases are tested inline. A
+        # column that is the very array of this thread's last call, still 1-D float32, is
+        # handed over as it was then (same memory, so its current values; the backend reuses
+        # what it built on it, a tensor or a binding). Only columns that went over without a
+        # copy are remembered this way: a converted column's values may have changed in the
+        # caller's array since.
         arrays: list[np.ndarray] = []
         n_rows = -1
         n_values = 0
@@ -124,7 +182,8 @@ class InputPlan:
                 arrays.append(arr)
             pos = len(self.flat)
             for offsets_name, counts_name, fields in self.collections:
-                offsets = self._offsets(columns, offsets_name, counts_name, ws)
+                offsets, value = self._offsets(columns, offsets_name, counts_name, ws)
+                last[pos] = None if value is None else (value, offsets)
                 pos += 1
                 rows = len(offsets) - 1
                 if rows != n_rows:
@@ -155,7 +214,7 @@ class InputPlan:
             raise self._missing(str(err.args[0]), columns) from None
         if self.nan_policy == "raise":
             self._check_finite(arrays, n_values, ws)
-        return arrays, n_rows
+        return arrays, n_rows, all(x is not None for x in last)
 
     def chunk(self, arrays: list[np.ndarray], start: int, stop: int, ws: Workspace) -> list:
         """Rows ``start:stop`` of prepared inputs: views, offsets rebased to start at 0."""
@@ -218,12 +277,14 @@ class InputPlan:
 
     def _offsets(
         self, columns: Mapping[str, Any], name: str, counts_name: str, ws: Workspace
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, Any]:
+        """The graph input for ``name``, checked; and the column itself when it is handed over
+        without a copy (``None`` when the offsets were converted or made from counts)."""
         value = columns.get(name)
         if value is None:
             counts = columns.get(counts_name)
             if counts is not None:
-                return self._from_counts(counts, name, counts_name, ws)
+                return self._from_counts(counts, name, counts_name, ws), None
             # With no field either (a table without the list columns) name a field: that is
             # what such an input lacks.
             first_field = self.input_names[self.input_names.index(name) + 1]
@@ -232,10 +293,18 @@ class InputPlan:
         _one_d(arr, name)
         if arr.shape[0] == 0:
             raise InputError(f"{name!r} is empty: offsets have one entry per row plus one (>= 1)")
+        handed_over = type(value) is np.ndarray
         if not ((arr.dtype is I64 or arr.dtype == I64) and arr.flags.c_contiguous):
             arr = self._to_int64(arr, name, ws.get(name, I64, arr.shape[0]))
+            handed_over = False
         elif not arr.flags.writeable:
             arr = writable_alias(arr)
+        self._check_offsets(arr, name, ws)
+        return arr, value if handed_over else None
+
+    @staticmethod
+    def _check_offsets(arr: np.ndarray, name: str, ws: Workspace) -> None:
+        """Offsets start at 0 and never decrease (their values, re-read on every call)."""
         if arr[0] != 0:
             raise InputError(f"{name!r} must start at 0, found {int(arr[0])}")
         n_rows = arr.shape[0] - 1
@@ -252,7 +321,6 @@ class InputPlan:
                 f"{name!r} decreases at row {row} ({int(arr[row])} then {int(arr[row + 1])}): "
                 "offsets must never decrease"
             )
-        return arr
 
     def _from_counts(
         self, value: Any, offsets_name: str, counts_name: str, ws: Workspace
@@ -297,7 +365,17 @@ class InputPlan:
 
     # --- finiteness ---------------------------------------------------------------------
     def _check_finite(self, arrays: list[np.ndarray], n_values: int, ws: Workspace) -> None:
-        features = [arrays[i] for i in self.feature_positions]
+        if not self.collections:
+            if n_values == self.n_flat:
+                # One row of a flat model (a host evaluating event by event): the sum of its
+                # values as Python floats is NaN or Inf exactly when one of them is (float32
+                # values cannot overflow a float64 sum), and costs no numpy call per column.
+                if not math.isfinite(sum(map(_item, arrays))):
+                    raise self._nonfinite(arrays)
+                return
+            features = arrays
+        else:
+            features = [arrays[i] for i in self.feature_positions]
         if n_values <= _DOT_LIMIT:
             # Few values: one copy into scratch and one check beat a numpy call per column.
             values = np.concatenate(features, out=ws.get("scratch:f32", F32, n_values))

@@ -8,7 +8,6 @@ and writes straight into the result.
 
 from __future__ import annotations
 
-from operator import is_
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ F32 = np.dtype(np.float32)
 # Bound once: these run per column per call.
 _from_numpy = torch.from_numpy
 _get_num_threads = torch.get_num_threads
+_to_numpy = torch.Tensor.numpy
 
 
 class Runner:
@@ -38,12 +38,17 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    """TorchScript or AOTInductor: zero-copy tensors in, the backend's own tensors out."""
+    """TorchScript or AOTInductor: zero-copy tensors in, the backend's own tensors out.
+
+    ``call`` is the function that runs the backend on a list of tensors (``Backend.entry``);
+    a test or a benchmark may replace it to watch or skip the computation.
+    """
 
     def __init__(self, backend: Backend, policy: ThreadPolicy) -> None:
         self.backend = backend
         self.format = backend.format
         self.intra_op = policy.intra_op
+        self.call = backend.entry
 
     def run(
         self, arrays: list[np.ndarray], n_rows: int, outs: list[np.ndarray] | None, ws: Workspace
@@ -56,21 +61,23 @@ class TorchRunner(Runner):
                 f"was loaded with the policy of {self.intra_op}; something called "
                 "torch.set_num_threads after load"
             )
-        # Inputs are writable (read-only ones were aliased by InputPlan.prepare). An input
-        # that is the same array object as in this thread's last call keeps its tensor (same
-        # memory, so the current values); arrays and tensors are kept until the next call.
+        # Inputs are writable (read-only ones were aliased by InputPlan.prepare). The list
+        # of this thread's last call again (``InputPlan.prepare`` hands it back when the
+        # columns are the same arrays), or an input that is the same array object as then,
+        # keeps its tensor: same memory, so the current values. Kept until the next call.
         last = ws.state.get("torch")
-        if last is None:
-            tensors = [_from_numpy(a) for a in arrays]
-        elif all(map(is_, arrays, last[0])):
+        if last is not None and last[0] is arrays:
             tensors = last[1]
         else:
-            tensors = [
-                t if a is b else _from_numpy(a)
-                for a, b, t in zip(arrays, last[0], last[1], strict=True)
-            ]
-        ws.state["torch"] = (arrays, tensors)
-        results = [r.numpy() for r in self.backend(tensors)]
+            if last is None:
+                tensors = [_from_numpy(a) for a in arrays]
+            else:
+                tensors = [
+                    t if a is b else _from_numpy(a)
+                    for a, b, t in zip(arrays, last[0], last[1], strict=True)
+                ]
+            ws.state["torch"] = (arrays, tensors)
+        results = list(map(_to_numpy, self.call(tensors)))
         if outs is None:
             return results
         for out, res in zip(outs, results, strict=True):

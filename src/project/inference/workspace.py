@@ -36,6 +36,9 @@ class Workspace:
         # Per graph input, ``(column, input)`` of the last call when the column went to the
         # backend without a copy (see ``InputPlan.prepare``), else ``None``.
         self.inputs: list[tuple[np.ndarray, np.ndarray] | None] = []
+        # When every graph input of the last call was a column handed over without a copy:
+        # ``(columns, their layouts, graph inputs, n_rows)`` (see ``InputPlan.prepare``).
+        self.same_inputs: tuple[list, list, list[np.ndarray], int] | None = None
 
     def get(self, key: str, dtype: np.dtype, n: int) -> np.ndarray:
         """A view of ``n`` items of buffer ``key``, growing it if it holds fewer.
