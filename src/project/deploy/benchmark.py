@@ -8,11 +8,14 @@ For each backend and batch size it measures, on one thread, the median latency o
 ``backends.py`` on ready tensors; ONNX: ``InferenceSession.run`` on ready numpy arrays), and
 (b) ``full``: ``InferenceModel.__call__`` from SoA numpy columns to SoA outputs (matching by
 name, checks, the NaN/Inf scan, zero-copy hand-over, outputs), next to eager PyTorch on the
-deploy graph rebuilt from the export's checkpoint. At the batch sizes with targets it also
-measures the full call without the NaN/Inf scan (``nan_policy="ignore"``) and the SoA work
-alone (the full call with the backend's computation replaced by a no-op), which is what the
-targets are judged on. The calls being compared alternate, so they see the same machine load.
-Inputs are the export's golden rows tiled to the batch size.
+deploy graph rebuilt from the export's checkpoint. The targets (what the full call adds over
+the raw backend: 20% at batch 1, 3% at batch 1024) are judged on full against raw. At those
+batch sizes it also measures the full call without the NaN/Inf scan (``nan_policy="ignore"``)
+and the SoA work alone (the full call with the backend's computation replaced by a no-op),
+alternated with the other calls (cold: the backend's run evicts the inputs from cache) and
+back to back (warm: as for a host that has just filled its columns). The calls being compared
+alternate, so they see the same machine load. Inputs are the export's golden rows tiled to the
+batch size.
 """
 
 from __future__ import annotations
@@ -72,8 +75,8 @@ def _raw_call(model: Any, cols: dict[str, np.ndarray]) -> Callable[[], Any]:
         feed = {n: cols[n] for n in names}
         return lambda: session.run(outputs, feed)
     tensors = [torch.from_numpy(cols[n]) for n in names]
-    backend = model.runner.backend
-    return lambda: backend(tensors)
+    call = model.runner.call  # the backend's own entry point (``Backend.entry``)
+    return lambda: call(tensors)
 
 
 def eager_graph(manifest: dict[str, Any]) -> torch.nn.Module | None:
@@ -111,8 +114,8 @@ def soa_only(model: Any, cols: dict[str, np.ndarray]) -> Any:
         runner.session = NoRun()
         return model
     # The outputs of one real call on ``cols``, handed back as they are by every later call.
-    done = runner.backend([torch.from_numpy(cols[n]) for n in model.input_names])
-    runner.backend = lambda tensors: done
+    done = runner.call([torch.from_numpy(cols[n]) for n in model.input_names])
+    runner.call = lambda tensors: done
     return model
 
 
@@ -156,6 +159,10 @@ def run(
                 stub = soa_only(load(export_dir, name, verify_golden=False), cols)
                 calls["soa"] = lambda m=stub, c=cols: m(c)
             found = medians(calls, budget, clock)
+            if "soa" in calls:
+                # The SoA work once more, back to back: its inputs stay in cache between
+                # calls, as they are for a host that has just filled its columns.
+                found["soa_warm"] = medians({"soa": calls["soa"]}, budget, clock)["soa"]
             rows.append({"backend": name, "batch": batch, **found})
             per_row = max(per_row, found["full"] / batch, found["raw"] / batch)
         if graph is not None:
@@ -186,29 +193,35 @@ def format_report(result: dict[str, Any]) -> str:
     """The table printed by ``scripts/benchmark.py inference``."""
     head = (
         f"{'backend':<12}{'batch':>6}{'raw us/call':>13}{'raw us/row':>11}{'full us/call':>14}"
-        f"{'full us/row':>12}{'full/raw':>10}{'no NaN scan':>12}{'SoA work us':>13}"
-        f"{'SoA/raw':>9}{'target':>8}"
+        f"{'full us/row':>12}{'full/raw':>10}{'target':>8}{'no NaN scan':>12}"
+        f"{'SoA us warm':>12}{'/raw':>7}{'SoA us cold':>12}"
     )
     lines = [
         f"{result['name']}: median {result['clock']}-clock latency, one thread, torch "
         f"{torch.__version__}",
         "  raw = backend on ready inputs; full = SoA columns in, SoA outputs out (default call);",
-        "  full/raw = what the full call adds; no NaN scan = the same with nan_policy='ignore';",
-        "  SoA work = the full call with the backend's computation replaced by a no-op;",
-        "  target = SoA work within 20% of raw at batch 1, 3% at batch 1024",
+        "  full/raw = what the full call adds over raw, measured alternately with it; target =",
+        "  full/raw within +20% at batch 1 and +3% at batch 1024 (NaN/Inf screen included);",
+        "  no NaN scan = full/raw with nan_policy='ignore'; SoA us = the full call with the",
+        "  backend's computation replaced by a no-op: warm = back to back (inputs in cache, as",
+        "  for a host that has just filled its columns), /raw = warm over raw; cold = alternated",
+        "  with the backend's calls, which evict the inputs from cache between calls",
         head,
         "-" * len(head),
     ]
     for r in result["rows"]:
         raw, batch = r["raw"], r["batch"]
+        added = r["full"] / raw - 1
         line = (
             f"{r['backend']:<12}{batch:>6}{_us(raw):>13}{_us(raw / batch):>11}"
-            f"{_us(r['full']):>14}{_us(r['full'] / batch):>12}{r['full'] / raw - 1:>+10.1%}"
+            f"{_us(r['full']):>14}{_us(r['full'] / batch):>12}{added:>+10.1%}"
         )
         if "soa" in r:
-            share = r["soa"] / raw
-            verdict = "met" if share <= TARGETS[batch] else "MISSED"
-            line += f"{r['no_scan'] / raw - 1:>+12.1%}{_us(r['soa']):>13}{share:>9.1%}{verdict:>8}"
+            verdict = "met" if added <= TARGETS[batch] else "MISSED"
+            line += (
+                f"{verdict:>8}{r['no_scan'] / raw - 1:>+12.1%}{_us(r['soa_warm']):>12}"
+                f"{r['soa_warm'] / raw:>7.1%}{_us(r['soa']):>12}"
+            )
         lines.append(line)
     for batch, seconds in result["eager"].items():
         lines.append(f"{'eager':<12}{batch:>6}{_us(seconds):>13}{_us(seconds / batch):>11}")
