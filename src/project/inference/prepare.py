@@ -58,6 +58,13 @@ def _as_array(value: Any, name: str) -> np.ndarray:
     return arr
 
 
+def _field_mismatch(name: str, n_values: int, offsets_name: str, total: int) -> InputError:
+    return InputError(
+        f"jagged field {name!r} has {n_values} values but {offsets_name}[-1] is {total}: "
+        "the offsets do not match the field"
+    )
+
+
 def _one_d(arr: np.ndarray, name: str) -> None:
     if arr.ndim != 1:
         raise InputError(
@@ -116,9 +123,9 @@ class InputPlan:
                 and list(map(_layout, got)) == same[1]
             ):
                 return self._same_inputs(same[2], same[3], ws)
-        arrays, n_rows, zero_copy = self._prepare(columns, ws)
-        if zero_copy:
-            got = [columns[name] for name in self.input_names]
+        arrays, n_rows = self._prepare(columns, ws)
+        if all(x is not None for x in ws.inputs):  # every column went without a copy
+            got = [x[0] for x in ws.inputs]
             ws.same_inputs = (got, list(map(_layout, got)), arrays, n_rows)
         else:
             ws.same_inputs = None
@@ -136,20 +143,15 @@ class InputPlan:
             total = int(offsets[-1])
             for i in range(pos + 1, pos + 1 + len(fields)):
                 if len(arrays[i]) != total:
-                    raise InputError(
-                        f"jagged field {self.input_names[i]!r} has {len(arrays[i])} values "
-                        f"but {offsets_name}[-1] is {total}: the offsets do not match the field"
-                    )
+                    raise _field_mismatch(self.input_names[i], len(arrays[i]), offsets_name, total)
             n_values += total * len(fields)
             pos += 1 + len(fields)
         if self.nan_policy == "raise":
             self._check_finite(arrays, n_values, ws)
         return arrays, n_rows
 
-    def _prepare(
-        self, columns: Mapping[str, Any], ws: Workspace
-    ) -> tuple[list[np.ndarray], int, bool]:
-        """``prepare`` column by column; also says whether every input went without a copy."""
+    def _prepare(self, columns: Mapping[str, Any], ws: Workspace) -> tuple[list[np.ndarray], int]:
+        """``prepare`` column by column; ``ws.inputs`` then says which went without a copy."""
         # This loop runs once per column per call, so the common cases are tested inline. A
         # column that is the very array of this thread's last call, still 1-D float32, is
         # handed over as it was then (same memory, so its current values; the backend reuses
@@ -204,17 +206,14 @@ class InputPlan:
                         arr = self._feature_input(arr, name, pos, ws)
                     pos += 1
                     if len(arr) != total:
-                        raise InputError(
-                            f"jagged field {name!r} has {len(arr)} values but "
-                            f"{offsets_name}[-1] is {total}: the offsets do not match the field"
-                        )
+                        raise _field_mismatch(name, len(arr), offsets_name, total)
                     n_values += total
                     arrays.append(arr)
         except KeyError as err:
             raise self._missing(str(err.args[0]), columns) from None
         if self.nan_policy == "raise":
             self._check_finite(arrays, n_values, ws)
-        return arrays, n_rows, all(x is not None for x in last)
+        return arrays, n_rows
 
     def chunk(self, arrays: list[np.ndarray], start: int, stop: int, ws: Workspace) -> list:
         """Rows ``start:stop`` of prepared inputs: views, offsets rebased to start at 0."""
