@@ -119,6 +119,22 @@ def test_nan_and_inf_are_refused(model, exported, cols, column: str, bad: float)
     assert lenient(cols)["prob_top"].shape == (len(cols["jet_pt"]),)
 
 
+def test_with_nan_policy_shares_the_backend_not_the_policy(model, cols) -> None:
+    lenient = model.with_nan_policy("ignore")
+    assert lenient.runner is model.runner
+    assert lenient.nan_policy == "ignore"
+    assert model.nan_policy == "raise"
+    expected = model(cols)["prob_top"]
+    np.testing.assert_array_equal(lenient(cols)["prob_top"], expected)
+    assert lenient.workspace() is not model.workspace()
+    cols["jet_eta"][0] = np.nan
+    assert lenient(cols)["prob_top"].shape == expected.shape
+    with pytest.raises(InputError, match="'jet_eta': 1 NaN"):
+        model(cols)
+    with pytest.raises(ValueError, match="nan_policy must be one of"):
+        model.with_nan_policy("skip")
+
+
 def test_nan_check_at_large_batches_and_float64_overflow(model, cols) -> None:
     from project.inference.columns import tile_golden
 
@@ -165,20 +181,33 @@ def test_nan_and_inf_in_one_row_of_flat_columns() -> None:
     assert plan.prepare(huge, ws)[1] == 1  # and again on the short path
 
 
-@pytest.mark.parametrize("n_rows", [900, 1000, 5000])
-def test_nan_found_in_every_column_at_batches_checked_in_groups(model, cols, n_rows) -> None:
-    """Above one screen's worth of values the columns are checked in concatenated groups:
-    a NaN in any of them, first or last of a group, is still found."""
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("n_rows", [900, 5000])
+def test_nan_found_in_every_column_and_every_slice(model, cols, n_rows) -> None:
+    """Each column is screened on its own, longer ones in slices of ``_DOT_LIMIT`` values
+    (the jagged fields at 5000 jets are several slices long): a NaN in any column, at its
+    first or last value or on either side of a slice boundary, is found; the largest finite
+    float32 in every value of a long column, of both signs, is neither refused nor warned
+    about (the screen's sums cannot overflow)."""
     from project.inference.columns import tile_golden
+    from project.inference.prepare import _DOT_LIMIT
 
     big = tile_golden(cols, model.contract, n_rows)
-    for name in model.contract.flat_names + list(model.contract.jagged[0].field_input_names):
-        for index in (0, -1):
+    names = model.contract.flat_names + list(model.contract.jagged[0].field_input_names)
+    assert max(len(big[n]) for n in names) > 2 * _DOT_LIMIT or n_rows < 1000
+    for name in names:
+        n = len(big[name])
+        for index in {0, n - 1, *(i for i in (_DOT_LIMIT - 1, _DOT_LIMIT) if i < n)}:
             bad = {k: v.copy() for k, v in big.items()}
             bad[name][index] = np.nan
             with pytest.raises(InputError, match=f"'{name}': 1 NaN"):
                 model(bad)
     assert model(big)["prob_top"].shape == (n_rows,)
+    largest = np.finfo(np.float32).max
+    huge = dict(big, part_pt=np.full_like(big["part_pt"], largest))
+    huge["part_pt"][1::3] = -largest
+    lenient = load(model.export.path, model.backend, nan_policy="ignore", verify_golden=False)
+    np.testing.assert_array_equal(model(huge)["prob_top"], lenient(huge)["prob_top"])
 
 
 def test_bad_arrow_and_other_inputs(model, cols) -> None:

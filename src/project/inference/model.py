@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -97,6 +98,15 @@ class InferenceModel:
             f"InferenceModel({self.export.manifest.get('name')!r}, backend={self.backend!r}, "
             f"policy={self.policy.name!r}, max_batch={self.max_batch})"
         )
+
+    def with_nan_policy(self, nan_policy: str) -> InferenceModel:
+        """This model under another ``nan_policy``, sharing its loaded backend (the artifact
+        is not loaded a second time); its buffers and thread state are its own."""
+        other = copy.copy(self)
+        other.nan_policy = nan_policy
+        other._plan = InputPlan(self.contract, nan_policy)
+        other._local = threading.local()
+        return other
 
     @property
     def input_names(self) -> list[str]:

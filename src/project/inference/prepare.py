@@ -11,7 +11,7 @@ that names the column: a wrong answer is never returned silently.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from operator import attrgetter, is_
 from typing import Any
 
@@ -25,27 +25,44 @@ F32 = np.dtype(np.float32)
 I64 = np.dtype(np.int64)
 BOOL = np.dtype(np.bool_)
 NAN_POLICIES = ("raise", "ignore")
-# Finiteness checks by dot product on at most this many values (see ``_finite``).
+# Finiteness checks by dot product on at most this many values, with a vector of
+# ``_SCALE`` (see ``_finite``): 2**-14 < 1 / _DOT_LIMIT, so no sum of finite terms overflows.
 _DOT_LIMIT = 8192
+_SCALE = 2.0**-14
+_SCALES = np.full(_DOT_LIMIT, _SCALE, dtype=np.float32)
+_SCALES.flags.writeable = False
 _I64_MAX = np.iinfo(np.int64).max
 # What an array can have changed in place since a call took it without a copy: its dtype,
 # shape and strides (numpy lets all three be set on an existing array). Its memory cannot
-# move while the workspace holds a reference to it (``ndarray.resize`` refuses).
-_layout = attrgetter("dtype", "shape", "strides")
+# move while the workspace holds a reference to it (``ndarray.resize`` refuses), so its size
+# in bytes is fixed, and with its dtype and strides unchanged (still one stride: 1-D) so is
+# its shape: comparing those two covers all three.
+_layout = attrgetter("dtype", "strides")
 _item = np.ndarray.item
 
 
-def _finite(values: np.ndarray, ws: Workspace) -> bool:
+def _finite(values: np.ndarray) -> bool:
     """Whether all ``values`` (float32, 1-D, contiguous) are finite; allocates nothing.
 
-    Up to ``_DOT_LIMIT`` values, ``values @ values`` is the fastest exact screen: it is NaN or
-    Inf if any value is, and otherwise finite unless the sum of squares overflows, which the
-    exact check below then clears. (The limit also keeps BLAS single-threaded: OpenBLAS
-    splits a dot product over threads only for longer vectors.)
+    One dot product with a constant vector of ``_SCALE``: it is NaN or Inf exactly when a
+    value is (Inf times the scale is Inf, and once the running sum is Inf or NaN it stays
+    non-finite), and it cannot overflow for finite values: ``_DOT_LIMIT`` terms of at most
+    float32's largest value times ``_SCALE`` sum to half of that largest value. So it is an
+    exact test, with no warning for large values such as a float32-max placeholder. It reads
+    the column's own memory once, without a copy: right after a backend run, when little of
+    it is still in cache, that is what a screen costs (a concatenated copy of all columns
+    first cost two to three times as much there). Longer columns are taken in slices of
+    ``_DOT_LIMIT`` values, which also keeps BLAS on the calling thread (OpenBLAS splits a
+    dot product over threads only for longer vectors).
     """
-    if len(values) <= _DOT_LIMIT and math.isfinite(values.dot(values)):
-        return True
-    return bool(np.isfinite(values, out=ws.get("scratch:bool", BOOL, len(values))).all())
+    n = len(values)
+    if n <= _DOT_LIMIT:
+        return math.isfinite(values.dot(_SCALES[:n]))
+    for start in range(0, n, _DOT_LIMIT):
+        part = values[start : start + _DOT_LIMIT]
+        if not math.isfinite(part.dot(_SCALES[: len(part)])):
+            return False
+    return True
 
 
 def _as_array(value: Any, name: str) -> np.ndarray:
@@ -114,14 +131,10 @@ class InputPlan:
         same = ws.same_inputs
         if same is not None:
             try:
-                got = list(map(columns.__getitem__, self.input_names))
+                again = all(map(is_, map(columns.__getitem__, self.input_names), same[0]))
             except (KeyError, TypeError):
-                got = None
-            if (
-                got is not None
-                and all(map(is_, got, same[0]))
-                and list(map(_layout, got)) == same[1]
-            ):
+                again = False
+            if again and list(map(_layout, same[0])) == same[1]:
                 return self._same_inputs(same[2], same[3], ws)
         arrays, n_rows = self._prepare(columns, ws)
         if all(x is not None for x in ws.inputs):  # every column went without a copy
@@ -147,7 +160,7 @@ class InputPlan:
             n_values += total * len(fields)
             pos += 1 + len(fields)
         if self.nan_policy == "raise":
-            self._check_finite(arrays, n_values, ws)
+            self._check_finite(arrays, n_values)
         return arrays, n_rows
 
     def _prepare(self, columns: Mapping[str, Any], ws: Workspace) -> tuple[list[np.ndarray], int]:
@@ -212,7 +225,7 @@ class InputPlan:
         except KeyError as err:
             raise self._missing(str(err.args[0]), columns) from None
         if self.nan_policy == "raise":
-            self._check_finite(arrays, n_values, ws)
+            self._check_finite(arrays, n_values)
         return arrays, n_rows
 
     def chunk(self, arrays: list[np.ndarray], start: int, stop: int, ws: Workspace) -> list:
@@ -363,44 +376,26 @@ class InputPlan:
         return buf
 
     # --- finiteness ---------------------------------------------------------------------
-    def _check_finite(self, arrays: list[np.ndarray], n_values: int, ws: Workspace) -> None:
-        if not self.collections:
-            if n_values == self.n_flat:
-                # One row of a flat model (a host evaluating event by event): the sum of its
-                # values as Python floats is NaN or Inf exactly when one of them is (float32
-                # values cannot overflow a float64 sum), and costs no numpy call per column.
-                if not math.isfinite(sum(map(_item, arrays))):
-                    raise self._nonfinite(arrays)
-                return
-            features = arrays
-        else:
-            features = [arrays[i] for i in self.feature_positions]
-        if n_values <= _DOT_LIMIT:
-            # Few values: one copy into scratch and one check beat a numpy call per column.
-            values = np.concatenate(features, out=ws.get("scratch:f32", F32, n_values))
-            ok = _finite(values, ws)
-        else:
-            ok = all(_finite(group, ws) for group in self._groups(features, ws))
-        if not ok:
-            raise self._nonfinite(arrays)
-
-    @staticmethod
-    def _groups(features: list[np.ndarray], ws: Workspace) -> Iterator[np.ndarray]:
-        """The columns, short neighbours concatenated into scratch up to ``_DOT_LIMIT``
-        values, so that each check covers as many values as one dot product may."""
-        group: list[np.ndarray] = []
-        size = 0
-        for arr in [*features, None]:
-            n = 0 if arr is None else len(arr)
-            if group and (arr is None or size + n > _DOT_LIMIT):
-                if len(group) == 1:
-                    yield group[0]
-                else:
-                    yield np.concatenate(group, out=ws.get("scratch:f32", F32, size))
-                group, size = [], 0
-            if arr is not None:
-                group.append(arr)
-                size += n
+    def _check_finite(self, arrays: list[np.ndarray], n_values: int) -> None:
+        if n_values == self.n_flat and not self.collections:
+            # One row of a flat model (a host evaluating event by event): the sum of its
+            # values as Python floats is NaN or Inf exactly when one of them is (float32
+            # values cannot overflow a float64 sum), and costs no numpy call per column.
+            if not math.isfinite(sum(map(_item, arrays))):
+                raise self._nonfinite(arrays)
+            return
+        scales = _SCALES[:0]
+        for i in self.feature_positions:
+            values = arrays[i]
+            n = len(values)
+            if n > _DOT_LIMIT:
+                ok = _finite(values)
+            else:  # ``_finite`` inline: columns of one collection share their length
+                if len(scales) != n:
+                    scales = _SCALES[:n]
+                ok = math.isfinite(values.dot(scales))
+            if not ok:
+                raise self._nonfinite(arrays)
 
     def _nonfinite(self, arrays: list[np.ndarray]) -> InputError:
         problems = []
