@@ -2,9 +2,12 @@
 // at batch 1 (one row per call, as a framework module sees one jet) and at the full golden
 // batch; prints max |diff| against the expected outputs and the latency per call on one
 // thread, optionally checks that N threads sharing the model reproduce the one-thread results,
-// and exits 1 on any difference beyond the manifest's tolerance (2 on errors).
+// and exits 1 on any difference beyond the manifest's tolerance (2 on errors). It also measures
+// what the SoA layer (view to tensors, outputs named) adds over the graph alone on ready
+// tensors, at batch 1, at the golden batch and at --soa-batch rows (golden rows repeated).
 //
 //   replay EXPORT_DIR GOLDEN_DIR [--format torchscript|aoti|all] [--threads N] [--min-time S]
+//          [--soa-batch N]
 //
 // GOLDEN_DIR is golden.npz unpacked by unpack_golden.py into raw little-endian arrays plus an
 // index.json: reading numpy's zip container is not this program's business.
@@ -20,6 +23,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <thread>
@@ -76,6 +80,37 @@ soa::SoAView full_view(const soa::Model& model, const Golden& g) {
     else view.columns[in.column] = f32(g, in.name);
   }
   return view;
+}
+
+// The golden rows repeated to `rows` rows (row i is golden row i % g.rows), in new buffers:
+// flat columns row by row, each collection's offsets and fields object by object.
+Golden tile(const soa::Model& model, const Golden& g, int64_t rows) {
+  Golden t;
+  t.rows = rows;
+  for (const auto& in : model.input_specs()) {
+    if (in.is_offsets) {
+      const auto& off = g.i64.at(in.name);
+      auto& out = t.i64[in.name];
+      out.assign(1, 0);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = i % g.rows;
+        out.push_back(out.back() + off[r + 1] - off[r]);
+      }
+    } else if (!in.field.empty()) {
+      const auto& off = g.i64.at(in.column + "_offsets");
+      const auto& src = f32(g, in.name);
+      auto& dst = t.f32[in.name];
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = i % g.rows;
+        dst.insert(dst.end(), src.begin() + off[r], src.begin() + off[r + 1]);
+      }
+    } else {
+      const auto& src = f32(g, in.name);
+      auto& dst = t.f32[in.name];
+      for (int64_t i = 0; i < rows; ++i) dst.push_back(src[static_cast<size_t>(i % g.rows)]);
+    }
+  }
+  return t;
 }
 
 // Row i alone: sub-spans of the same columns; a collection's offsets become {0, n_i}, kept in
@@ -151,6 +186,72 @@ Latency time_calls(int64_t n, double min_time, F&& fn) {
   return {us[us.size() / 2], mean, static_cast<int64_t>(us.size())};
 }
 
+// CPU time of the calling thread: with one thread doing all the work it is the latency on an
+// idle machine, without the time spent waiting for a busy core (as benchmark.py --clock cpu).
+double thread_us() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e6 + static_cast<double>(ts.tv_nsec) * 1e-3;
+}
+
+double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+  return v[v.size() / 2];
+}
+
+struct Pair {
+  double raw_us = 0, full_us = 0, added_us = 0;
+  int64_t calls = 0;
+};
+
+// raw(i) and full(i) alternately, i cycling through 0..n-1, for at least min_time seconds and
+// n pairs, each of the two first in every other pair (the second call of a pair finds what
+// the first left in cache): their medians and the median of full minus raw within a pair (a
+// slow spell of the machine, shared by both calls of a pair, cancels there).
+template <typename R, typename F>
+Pair time_pair(int64_t n, double min_time, R&& raw, F&& full) {
+  for (int64_t i = 0; i < n; ++i) raw(i), full(i);
+  std::vector<double> r, f, d;
+  double total = 0;
+  auto timed = [](auto& fn, int64_t i) {
+    const double t0 = thread_us();
+    fn(i);
+    return thread_us() - t0;
+  };
+  while (static_cast<int64_t>(r.size()) < n || total < min_time * 1e6) {
+    const int64_t i = static_cast<int64_t>(r.size()) % n;
+    double tr, tf;
+    if (r.size() % 2 == 0) {
+      tr = timed(raw, i);
+      tf = timed(full, i);
+    } else {
+      tf = timed(full, i);
+      tr = timed(raw, i);
+    }
+    r.push_back(tr);
+    f.push_back(tf);
+    d.push_back(tf - tr);
+    total += tr + tf;
+  }
+  return {median(r), median(f), median(d), static_cast<int64_t>(r.size())};
+}
+
+// What run(view) adds over forward() on ready tensors, for `views` cycled one per call.
+void soa_cost(const soa::Model& model, const std::string& tag, int64_t batch,
+              const std::vector<soa::SoAView>& views, double min_time) {
+  std::vector<std::vector<at::Tensor>> ready;
+  for (const auto& v : views) ready.push_back(model.inputs(v));
+  const auto n = static_cast<int64_t>(views.size());
+  const Pair p = time_pair(
+      n, min_time, [&](int64_t i) { model.forward(ready[static_cast<size_t>(i)]); },
+      [&](int64_t i) { model.run(views[static_cast<size_t>(i)]); });
+  const double added = std::max(p.full_us - p.raw_us, p.added_us);
+  std::printf("%s soa batch=%-5lld raw=%.1f full=%.1f us/call added=%+.1f us (%+.1f%%) "
+              "(thread CPU time, medians of %lld alternated pairs)\n",
+              tag.c_str(), static_cast<long long>(batch), p.raw_us, p.full_us, added,
+              100 * added / p.raw_us, static_cast<long long>(p.calls));
+}
+
 bool identical(const std::map<std::string, at::Tensor>& a,
                const std::map<std::string, at::Tensor>& b) {
   for (const auto& [name, t] : a)
@@ -160,7 +261,7 @@ bool identical(const std::map<std::string, at::Tensor>& a,
 
 // Runs one format; returns false on a mismatch.
 bool replay(const std::filesystem::path& export_dir, const Golden& g, soa::Format format,
-            int threads, double min_time) {
+            int threads, double min_time, int64_t soa_batch) {
   const std::string tag = "[" + soa::format_name(format) + "]";
   const auto t0 = Clock::now();
   const soa::Model model(export_dir, format, threads);
@@ -208,6 +309,15 @@ bool replay(const std::filesystem::path& export_dir, const Golden& g, soa::Forma
     ok &= c.ok;
   }
 
+  // The SoA layer's cost: what run(view) adds over the graph on ready tensors (the larger of
+  // the difference of medians and the median difference, as scripts/benchmark.py reports it).
+  soa_cost(model, tag, 1, rows, min_time);
+  soa_cost(model, tag, g.rows, {full}, min_time);
+  if (soa_batch > 0 && soa_batch != g.rows) {
+    const Golden tiled = tile(model, g, soa_batch);
+    soa_cost(model, tag, soa_batch, {full_view(model, tiled)}, min_time);
+  }
+
   if (threads > 1) {
     // All threads share `model` and start together; each replays every row (from a different
     // starting row) and the full batch, and must reproduce the one-thread outputs bit for bit.
@@ -241,7 +351,7 @@ bool replay(const std::filesystem::path& export_dir, const Golden& g, soa::Forma
 
 int usage() {
   std::cerr << "usage: replay EXPORT_DIR GOLDEN_DIR [--format torchscript|aoti|all] "
-               "[--threads N] [--min-time SECONDS]\n";
+               "[--threads N] [--min-time SECONDS] [--soa-batch ROWS]\n";
   return 2;
 }
 
@@ -253,12 +363,14 @@ int main(int argc, char** argv) {
   std::string format = "all";
   int threads = 1;
   double min_time = 0.2;
+  int64_t soa_batch = 1024;
   for (int i = 3; i < argc; ++i) {
     const std::string arg = argv[i];
     if (i + 1 >= argc) return usage();
     if (arg == "--format") format = argv[++i];
     else if (arg == "--threads") threads = std::max(1, std::stoi(argv[++i]));
     else if (arg == "--min-time") min_time = std::stod(argv[++i]);
+    else if (arg == "--soa-batch") soa_batch = std::max<int64_t>(0, std::stoll(argv[++i]));
     else return usage();
   }
   try {
@@ -269,7 +381,7 @@ int main(int argc, char** argv) {
     bool ok = true;
     for (const char* f : {"torchscript", "aoti"})
       if (format == "all" || format == f) ok &= replay(export_dir, g, soa::parse_format(f),
-                                                       threads, min_time);
+                                                       threads, min_time, soa_batch);
     std::printf("RESULT %s\n", ok ? "PASS" : "FAIL");
     return ok ? 0 : 1;
   } catch (const c10::Error& e) {

@@ -137,11 +137,13 @@ std::vector<InputSpec> read_inputs(const json& manifest) {
 }
 
 // The caller's buffer as a 1-D tensor without a copy. from_blob wants a non-const pointer;
-// the graph only reads its inputs.
+// the graph only reads its inputs. at::from_blob, not torch::from_blob: the inputs never
+// need autograd metadata (run() is under InferenceMode), and making it costs a heap
+// allocation per column per call.
 template <typename T>
 at::Tensor wrap(std::span<const T> s, at::ScalarType dtype) {
-  return torch::from_blob(const_cast<T*>(s.data()), {static_cast<int64_t>(s.size())},
-                          torch::TensorOptions().dtype(dtype));
+  return at::from_blob(const_cast<T*>(s.data()), {static_cast<int64_t>(s.size())},
+                       at::TensorOptions().dtype(dtype));
 }
 
 }  // namespace
@@ -228,10 +230,9 @@ std::vector<at::Tensor> Model::inputs(const SoAView& view) const {
   return tensors;
 }
 
-std::map<std::string, at::Tensor> Model::run(const SoAView& view) const {
+std::vector<at::Tensor> Model::forward(const std::vector<at::Tensor>& inputs) const {
   // Thread-local: no autograd bookkeeping for this call, whichever thread makes it.
   c10::InferenceMode guard;
-  std::vector<at::Tensor> inputs = this->inputs(view);
   std::vector<at::Tensor> outputs;
   if (impl_->package) {
     outputs = impl_->package->run(inputs);
@@ -249,6 +250,11 @@ std::map<std::string, at::Tensor> Model::run(const SoAView& view) const {
   if (outputs.size() != impl_->outputs.size())
     throw std::runtime_error("model returned " + std::to_string(outputs.size()) +
                              " outputs, manifest lists " + std::to_string(impl_->outputs.size()));
+  return outputs;
+}
+
+std::map<std::string, at::Tensor> Model::run(const SoAView& view) const {
+  std::vector<at::Tensor> outputs = forward(inputs(view));
   std::map<std::string, at::Tensor> named;
   for (size_t i = 0; i < outputs.size(); ++i) named.emplace(impl_->outputs[i], outputs[i]);
   return named;

@@ -22,7 +22,7 @@ struct Collection {
 };
 
 // A batch of rows as named column pointers plus lengths. The view owns nothing: the model reads
-// the caller's buffers in place (torch::from_blob), so they must outlive the run() call.
+// the caller's buffers in place (at::from_blob), so they must outlive the run() call.
 struct SoAView {
   std::map<std::string, std::span<const float>> columns;  // one value per row
   std::map<std::string, Collection> collections;
@@ -72,7 +72,10 @@ class Model {
   // The graph inputs in order: the view's buffers wrapped as tensors, not copied.
   std::vector<at::Tensor> inputs(const SoAView& view) const;
   // Runs the graph on a view; outputs keyed by the manifest's output names (shape (rows,)).
+  // The same as forward(inputs(view)) with the outputs named.
   std::map<std::string, at::Tensor> run(const SoAView& view) const;
+  // The graph alone on ready inputs (graph order); outputs in the manifest's order.
+  std::vector<at::Tensor> forward(const std::vector<at::Tensor>& inputs) const;
 
   const std::vector<InputSpec>& input_specs() const;
   const std::vector<std::string>& output_names() const;

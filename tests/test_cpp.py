@@ -96,6 +96,28 @@ def test_cpp_replays_golden_set(replayed, model: str) -> None:
     assert "RESULT PASS" in run.stdout
 
 
+SOA = re.compile(
+    r"\[(?P<fmt>\w+)\] soa batch=(?P<batch>\d+)\s+raw=(?P<raw>\S+) full=(?P<full>\S+) us/call "
+    r"added=(?P<added>\S+) us \((?P<pct>\S+)%\)"
+)
+
+
+def test_cpp_measures_what_the_soa_layer_adds(replayed) -> None:
+    """The replay reports run(view) against the graph on ready tensors at batch 1, the golden
+    batch and 1024 rows (golden rows repeated); the figures are the benchmark's, not asserted
+    here beyond being measurements."""
+    export_dir, run = replayed("deepsets")
+    rows = json.loads((export_dir / "manifest.json").read_text())["golden"]["rows"]
+    found = {(m["fmt"], int(m["batch"])): m for m in SOA.finditer(run.stdout)}
+    assert set(found) == {(f, b) for f in FORMATS for b in (1, rows, 1024)}, run.stdout
+    for m in found.values():
+        raw, full, added = float(m["raw"]), float(m["full"]), float(m["added"])
+        assert raw > 0
+        assert full > 0
+        assert added >= full - raw - 1e-6  # the larger of the two estimates
+        assert float(m["pct"]) == pytest.approx(100 * added / raw, abs=0.06)
+
+
 @pytest.mark.parametrize("model", ["mlp", "deepsets"])
 def test_cpp_inputs_are_the_soa_buffers(replayed, model: str) -> None:
     export_dir, run = replayed(model)

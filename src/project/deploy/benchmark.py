@@ -46,8 +46,10 @@ def measure(
     calls: dict[str, Callable[[], Any]], budget: float, clock: str = "wall", min_reps: int = 3
 ) -> dict[str, list[float]]:
     """Seconds of every call of each of ``calls``, run in turn (one repetition = each call
-    once, in order) for about ``budget`` seconds each, so that all of them see the same load
-    on a shared machine; entry ``i`` of every list is from repetition ``i``."""
+    once) for about ``budget`` seconds each, so that all of them see the same load on a shared
+    machine; entry ``i`` of every list is from repetition ``i``. The order rotates from one
+    repetition to the next, so each call follows each of the others equally often (a call
+    finds in cache what the one before it left)."""
     now = CLOCKS[clock]
     for fn in calls.values():
         # Warm-up: TorchScript optimises on its first calls, caches fill. Slow calls (large
@@ -60,8 +62,10 @@ def measure(
     times: dict[str, list[float]] = {k: [] for k in calls}
     deadline = time.perf_counter() + budget * len(calls)
     reps = 0
+    order = list(calls.items())
     while reps < min_reps or (time.perf_counter() < deadline and reps < 5000):
-        for key, fn in calls.items():
+        shift = reps % len(order)
+        for key, fn in order[shift:] + order[:shift]:
             start = now()
             fn()
             times[key].append(now() - start)
