@@ -53,12 +53,10 @@ def _finite(values: np.ndarray) -> bool:
     it is still in cache, that is what a screen costs (a concatenated copy of all columns
     first cost two to three times as much there). Longer columns are taken in slices of
     ``_DOT_LIMIT`` values, which also keeps BLAS on the calling thread (OpenBLAS splits a
-    dot product over threads only for longer vectors).
+    dot product over threads only for longer vectors). ``_check_finite`` does the one-slice
+    case inline.
     """
-    n = len(values)
-    if n <= _DOT_LIMIT:
-        return math.isfinite(values.dot(_SCALES[:n]))
-    for start in range(0, n, _DOT_LIMIT):
+    for start in range(0, len(values), _DOT_LIMIT):
         part = values[start : start + _DOT_LIMIT]
         if not math.isfinite(part.dot(_SCALES[: len(part)])):
             return False
@@ -390,7 +388,7 @@ class InputPlan:
             n = len(values)
             if n > _DOT_LIMIT:
                 ok = _finite(values)
-            else:  # ``_finite`` inline: columns of one collection share their length
+            else:  # ``_finite``'s one slice, inline: columns of one collection share a length
                 if len(scales) != n:
                     scales = _SCALES[:n]
                 ok = math.isfinite(values.dot(scales))
