@@ -157,6 +157,30 @@ def test_corrupted_artifact_publishes_nothing(trained_run, tmp_path: Path, monke
     assert list(out.iterdir()) == []
 
 
+def test_artifact_that_cannot_load_prints_the_childs_reason(
+    trained_run, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The table shows a failure's first line; the child's own error follows it in full."""
+    real = formats.export_onnx
+
+    def unreadable(graph, example, contract, path, opset=18):
+        info = real(graph, example, contract, path, opset)
+        path.write_bytes(b"not an ONNX model")
+        return info
+
+    monkeypatch.setattr(formats, "export_onnx", unreadable)
+    out = _failing_export(trained_run, tmp_path, ["formats=[onnx]"])
+    assert list(out.iterdir()) == []
+    printed = capsys.readouterr().out
+    reasons = printed.split("onnx/cpu/all failed: ", 1)[1].split("\nonnx/cpu/none failed: ")[0]
+    first, *rest = reasons.splitlines()
+    assert first.startswith("loading/running model.onnx in a fresh process exited with status")
+    # The child's traceback, indented under its row: onnxruntime names what it could not parse.
+    assert rest, reasons
+    assert all(line.startswith("    ") for line in rest), reasons
+    assert "onnxruntime" in reasons.lower() or "protobuf" in reasons.lower(), reasons
+
+
 def test_allow_partial_publishes_and_records_failures(trained_run, tmp_path: Path) -> None:
     out = tmp_path / "exported"
     cfg = compose_export(

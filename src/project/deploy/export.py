@@ -26,6 +26,7 @@ from project.deploy.parity import (
     build_cases,
     compare,
     eager_outputs,
+    format_failures,
     format_table,
 )
 from project.inference.backends import FORMATS
@@ -271,6 +272,9 @@ def _export_into(
         entry["dynamic_dims"] = formats.dim_names(contract)
     table = format_table(results)
     print(table)
+    failures = format_failures(results)
+    if failures:
+        print(failures)
 
     golden = rows.take(np.arange(min(int(cfg.golden_rows), len(rows))))
     golden_in = {n: np.ascontiguousarray(a) for n, a in golden.to_soa(contract).items()}
@@ -338,7 +342,8 @@ def _export_into(
     if not all_passed and not (cfg.allow_partial and any_passed):
         failed = ", ".join(f"{e['format']}/{e['device']}" for e in artifacts if not e["passed"])
         raise ExportFailed(
-            f"{failed} failed (see the table above); nothing was published to {target}. "
+            f"{failed} failed (see the table and the reasons above); nothing was published "
+            f"to {target}. "
             "Pass allow_partial=true to publish the formats that passed."
         )
     _publish(tmp_dir, target, bool(cfg.overwrite))

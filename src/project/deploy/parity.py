@@ -239,3 +239,19 @@ def format_table(results: list[ParityResult]) -> str:
             + ("PASS" if r.passed else f"FAIL: {(r.error or '').splitlines()[0][:80]}")
         )
     return "\n".join(lines)
+
+
+def format_failures(results: list[ParityResult]) -> str:
+    """The whole reason of every failed row; the table shows only its first line.
+
+    A child process that failed to load or run an artifact reports its stderr's last lines
+    here, which is where the cause (a missing symbol, a version mismatch) is named.
+    """
+    blocks = []
+    for r in results:
+        if r.passed:
+            continue
+        label = "/".join(x for x in (r.format, r.device, r.optimization) if x)
+        reason = (r.error or "no reason recorded").rstrip()
+        blocks.append(f"{label} failed: " + reason.replace("\n", "\n    "))
+    return "\n".join(blocks)
