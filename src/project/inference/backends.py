@@ -65,7 +65,10 @@ class AOTIBackend(Backend):
     format = "aoti"
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        # ``torch._inductor.codecache`` too: torch 2.10's package loader reads it without
+        # importing it, so a fresh process that has compiled nothing failed to load.
         import torch._inductor
+        import torch._inductor.codecache
 
         self.device = device
         self.runner = torch._inductor.aoti_load_package(str(path))
