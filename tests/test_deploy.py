@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,17 +143,24 @@ def test_parity_failure_publishes_nothing(trained_run, tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
 
 
-def test_corrupted_artifact_publishes_nothing(trained_run, tmp_path: Path, monkeypatch) -> None:
+def _damage_onnx(monkeypatch, damage: Callable[[bytes], bytes]) -> None:
+    """Export ONNX as usual, then replace the file's bytes with ``damage(bytes)``."""
     real = formats.export_onnx
 
-    def corrupting(graph, example, contract, path, opset=18):
+    def damaged(graph, example, contract, path, opset=18):
         info = real(graph, example, contract, path, opset)
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2 : len(data) // 2 + 64] = b"\0" * 64
-        path.write_bytes(bytes(data))
+        path.write_bytes(damage(path.read_bytes()))
         return info
 
-    monkeypatch.setattr(formats, "export_onnx", corrupting)
+    monkeypatch.setattr(formats, "export_onnx", damaged)
+
+
+def test_corrupted_artifact_publishes_nothing(trained_run, tmp_path: Path, monkeypatch) -> None:
+    def zero_64_bytes(data: bytes) -> bytes:
+        middle = len(data) // 2
+        return data[:middle] + b"\0" * 64 + data[middle + 64 :]
+
+    _damage_onnx(monkeypatch, zero_64_bytes)
     out = _failing_export(trained_run, tmp_path, ["formats=[onnx]"])
     assert list(out.iterdir()) == []
 
@@ -161,14 +169,7 @@ def test_artifact_that_cannot_load_prints_the_childs_reason(
     trained_run, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     """The table shows a failure's first line; the child's own error follows it in full."""
-    real = formats.export_onnx
-
-    def unreadable(graph, example, contract, path, opset=18):
-        info = real(graph, example, contract, path, opset)
-        path.write_bytes(b"not an ONNX model")
-        return info
-
-    monkeypatch.setattr(formats, "export_onnx", unreadable)
+    _damage_onnx(monkeypatch, lambda data: b"not an ONNX model")
     out = _failing_export(trained_run, tmp_path, ["formats=[onnx]"])
     assert list(out.iterdir()) == []
     printed = capsys.readouterr().out
