@@ -180,6 +180,8 @@ def test_artifact_that_cannot_load_prints_the_childs_reason(
     assert rest, reasons
     assert all(line.startswith("    ") for line in rest), reasons
     assert "onnxruntime" in reasons.lower() or "protobuf" in reasons.lower(), reasons
+    # The other optimisation level failed the same way: its reason is not printed twice.
+    assert "onnx/cpu/none failed: the same reason as onnx/cpu/all" in printed, printed
 
 
 def test_allow_partial_publishes_and_records_failures(trained_run, tmp_path: Path) -> None:

@@ -295,3 +295,32 @@ def test_benchmark_runs(exported) -> None:
     report = format_report(result)
     for text in ("onnx", "aoti", "eager", "SoA us warm", "GFLOP/s"):
         assert text in report
+
+
+def test_benchmark_verdicts() -> None:
+    """A full call measured faster than raw by more than the target is noise, not a pass."""
+    from project.deploy.benchmark import format_report, verdict
+
+    assert verdict(0.19, 1) == "met"
+    assert verdict(0.21, 1) == "MISSED"
+    assert verdict(-0.02, 1024) == "met"
+    assert verdict(-0.031, 1024) == "unclear"
+
+    def row(full: float, added: float) -> dict:
+        us = 1e-6
+        return {"backend": "aoti", "batch": 1024, "raw": 100 * us, "full": full * us,
+                "added": added * us, "no_scan": 100 * us, "added_no_scan": 0.0,
+                "soa": 1 * us, "soa_warm": 1 * us}  # fmt: skip
+
+    def report(*rows: dict) -> str:
+        return format_report({"name": "m", "clock": "cpu", "rows": list(rows), "eager": {},
+                              "flops": {}, "skipped": []})  # fmt: skip
+
+    # The less favourable of the two estimates is judged: 102 us by medians, +4 us paired.
+    missed = report(row(102, 4))
+    assert " MISSED " in missed
+    assert "unclear" not in missed
+    noisy = report(row(76, -24), row(102, 2))
+    assert "-24.0% unclear" in noisy
+    assert "+2.0%     met" in noisy
+    assert "rerun with --clock cpu" in noisy.splitlines()[-1]

@@ -248,10 +248,15 @@ def format_failures(results: list[ParityResult]) -> str:
     here, which is where the cause (a missing symbol, a version mismatch) is named.
     """
     blocks = []
+    first: dict[str, str] = {}  # reason -> the row that printed it (both ONNX levels, say)
     for r in results:
         if r.passed:
             continue
         label = "/".join(x for x in (r.format, r.device, r.optimization) if x)
         reason = (r.error or "no reason recorded").rstrip()
+        if reason in first:
+            blocks.append(f"{label} failed: the same reason as {first[reason]}")
+            continue
+        first[reason] = label
         blocks.append(f"{label} failed: " + reason.replace("\n", "\n    "))
     return "\n".join(blocks)
