@@ -295,6 +295,9 @@ def test_benchmark_runs(exported) -> None:
     report = format_report(result)
     for text in ("onnx", "aoti", "eager", "SoA us warm", "GFLOP/s"):
         assert text in report
+    assert "in chunks" not in report  # no batch above max_batch
+    result["rows"][-1]["batch"] = result["max_batch"] + 1
+    assert f"runs in chunks of {result['max_batch']}" in format_report(result)
 
 
 def test_benchmark_verdicts() -> None:

@@ -202,6 +202,7 @@ def run(
     return {
         "name": manifest["name"],
         "clock": clock,
+        "max_batch": next(iter(models.values())).max_batch,
         "rows": rows,
         "eager": eager,
         "flops": flops,
@@ -278,6 +279,12 @@ def format_report(result: dict[str, Any]) -> str:
             f"batch {at}: {best['backend']}, {flops / best['full'] / 1e9:.2f} GFLOP/s through "
             f"the full call ({flops / best['raw'] / 1e9:.2f} GFLOP/s raw)."
         )
+    chunk = result.get("max_batch")
+    if chunk and any(r["batch"] > chunk for r in result["rows"]):
+        lines += [
+            f"Above {chunk} rows the full call runs in chunks of {chunk} (load's max_batch), raw",
+            "  in one call: the chunks can be the faster of the two (a smaller working set).",
+        ]
     if unclear:
         lines += [
             "unclear = the full call ran faster than raw by more than the target: the machine's",
