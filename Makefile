@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install, generate jets, train, export, run inference
-#   make test   create .venv, install, run the test suite (slow and GPU tests excluded)
+#   make test   create .venv, install, run the test suite (not slow; GPU tests only with CUDA)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -1,7 +1,7 @@
 """Standalone inference runtime: numpy, torch and onnxruntime only (no Lightning, Hydra, uproot).
 
 >>> from project.inference import load
->>> model = load("exported/toy-mlp")                 # fastest backend that passed parity
+>>> model = load("exported/mlp")                     # fastest backend that passed parity
 >>> probs = model({"jet_pt": pt, ..., "part_offsets": offsets, "part_pt": part_pt, ...})
 >>> probs["prob_top"]                                 # (n_rows,) float32
 

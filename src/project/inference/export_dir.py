@@ -133,7 +133,8 @@ def sha256_of(path: Path) -> str:
 
 
 def verify_file(path: Path, expected: str, what: str) -> None:
-    """Raise ``IntegrityError`` unless ``path`` exists and has sha256 ``expected``."""
+    """``ArtifactError`` if ``path`` is missing, ``IntegrityError`` if its sha256 is not
+    ``expected``."""
     if not path.is_file():
         raise ArtifactError(f"{what} {path} is listed in the manifest but missing")
     found = sha256_of(path)
