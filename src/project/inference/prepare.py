@@ -33,10 +33,11 @@ _SCALES = np.full(_DOT_LIMIT, _SCALE, dtype=np.float32)
 _SCALES.flags.writeable = False
 _I64_MAX = np.iinfo(np.int64).max
 # What an array can have changed in place since a call took it without a copy: its dtype,
-# shape and strides (numpy lets all three be set on an existing array). Its memory cannot
-# move while the workspace holds a reference to it (``ndarray.resize`` refuses), so its size
-# in bytes is fixed, and with its dtype and strides unchanged (still one stride: 1-D) so is
-# its shape: comparing those two covers all three.
+# shape and strides (numpy lets all three be set on an existing array; deprecated in 2.4 for
+# strides and 2.5 for dtype and shape: once no supported numpy allows it, ``_layout`` and its
+# check can go). Its memory cannot move while the workspace holds a reference to it
+# (``ndarray.resize`` refuses), so its size in bytes is fixed, and with its dtype and strides
+# unchanged (still one stride: 1-D) so is its shape: comparing those two covers all three.
 _layout = attrgetter("dtype", "strides")
 _item = np.ndarray.item
 
