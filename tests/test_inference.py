@@ -300,6 +300,31 @@ def test_benchmark_runs(exported) -> None:
     assert f"runs in chunks of {result['max_batch']}" in format_report(result)
 
 
+def test_benchmark_measures_the_backends_that_can_run(exported, tmp_path: Path, capsys) -> None:
+    """Without --backends: the export's artifacts that ``load`` would accept here, the others
+    named with the reason (an export without TorchScript, say)."""
+    from project.deploy.benchmark import usable_backends
+
+    assert usable_backends(exported("mlp")) == (list(FORMATS), [])
+    copy = tmp_path / "export"
+    shutil.copytree(exported("mlp"), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["format"] != "torchscript"]
+    for art in manifest["artifacts"]:
+        art["passed"] = art["format"] != "onnx"
+    manifest["provenance"]["torch"] = "0.0.0"  # the AOTInductor package: another torch build
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    usable, passed_over = usable_backends(copy)
+    assert usable == []
+    assert passed_over == [
+        "torchscript: no cpu artifact in the export",
+        f"aoti: cannot run {copy / 'model.pt2'} here: compiled with torch 0.0.0, this is torch "
+        f"{torch.__version__}",
+        "onnx: failed its parity check at export. Fix the export (see the manifest's parity "
+        "table).",
+    ]
+
+
 def test_benchmark_verdicts() -> None:
     """A full call measured faster than raw by more than the target is noise, not a pass."""
     from project.deploy.benchmark import format_report, verdict

@@ -295,6 +295,28 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def usable_backends(export_dir: Path) -> tuple[list[str], list[str]]:
+    """The export's CPU backends that ``load`` would accept here, and why the others not (no
+    artifact, parity failed, an AOTInductor package compiled for another torch or CPU)."""
+    from project.inference.backends import FORMATS
+    from project.inference.errors import ArtifactError
+    from project.inference.export_dir import choose_artifact, read_export
+
+    export = read_export(export_dir)
+    usable, passed_over = [], []
+    for fmt in FORMATS:
+        try:
+            choose_artifact(export, fmt, "cpu", "all")
+        except ArtifactError as err:
+            # "<dir>: no usable artifact ... on cpu: <fmt>: <reason>", or the reason alone.
+            message = str(err)
+            sep = " on cpu: "
+            passed_over.append(message.split(sep, 1)[1] if sep in message else f"{fmt}: {message}")
+        else:
+            usable.append(fmt)
+    return usable, passed_over
+
+
 def latest_export(root: Path = Path("exported")) -> Path:
     """The most recently written export directory under ``root``."""
     manifests = sorted(root.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
@@ -308,7 +330,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "export_dir", nargs="?", help="export directory (default: the newest under exported/)"
     )
-    parser.add_argument("--backends", default="torchscript,aoti,onnx")
+    parser.add_argument(
+        "--backends",
+        help="comma-separated, of torchscript,aoti,onnx (default: every one the export has "
+        "that passed parity and can run here)",
+    )
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
     parser.add_argument(
         "--budget", type=float, default=0.25, help="seconds of repetitions per measurement"
@@ -331,9 +357,18 @@ def main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments and print the report."""
     # First: the policy must be in place before anything starts PyTorch's thread pools.
     apply_torch_policy(ThreadPolicy.single())
+    export_dir = Path(args.export_dir) if args.export_dir else latest_export()
+    if args.backends:
+        backends = [b for b in args.backends.split(",") if b]
+    else:
+        backends, passed_over = usable_backends(export_dir)
+        for reason in passed_over:
+            print(f"not measured: {reason}")
+        if not backends:
+            raise SystemExit(f"{export_dir}: no backend can run here (see above)")
     result = run(
-        Path(args.export_dir) if args.export_dir else latest_export(),
-        [b for b in args.backends.split(",") if b],
+        export_dir,
+        backends,
         [int(b) for b in args.batch_sizes.split(",") if b],
         args.budget,
         args.clock,
