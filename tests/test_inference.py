@@ -300,7 +300,7 @@ def test_benchmark_runs(exported) -> None:
     assert f"runs in chunks of {result['max_batch']}" in format_report(result)
 
 
-def test_benchmark_measures_the_backends_that_can_run(exported, tmp_path: Path, capsys) -> None:
+def test_benchmark_measures_the_backends_that_can_run(exported, tmp_path: Path) -> None:
     """Without --backends: the export's artifacts that ``load`` would accept here, the others
     named with the reason (an export without TorchScript, say)."""
     from project.deploy.benchmark import usable_backends
