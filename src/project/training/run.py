@@ -101,9 +101,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
     if cfg.get("test", True):
+        # The best-metric checkpoint by its path (what ``ckpt_path="best"`` resolves to): the
+        # first checkpoint callback is the one that monitors the metric (callbacks/default.yaml).
         checkpoint = trainer.checkpoint_callback
-        best = "best" if checkpoint is not None and checkpoint.best_model_path else None
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best)
+        best = checkpoint.best_model_path if checkpoint is not None else None
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
 
     summary = {
