@@ -130,6 +130,31 @@ def test_every_input_form_gives_the_same_result(exported, mlp_models) -> None:
         )
 
 
+def test_filtered_and_reordered_awkward_arrays(exported, mlp_models) -> None:
+    """``events[mask]``, ``events[::-1]``, ``events[[5, 1, 7]]``: awkward keeps them as an index
+    over the original buffers; their rows are gathered and give the rows' own results."""
+    gold = golden(exported("mlp"))
+    model = mlp_models["onnx"]
+    forms = _forms(gold, model.contract)
+    n = len(gold["prob_top"])
+    selections = {
+        "mask": np.arange(n) % 3 == 1,
+        "reversed": slice(None, None, -1),
+        "list": [5, 1, 7],
+    }
+    for form in (
+        "awkward nested record",
+        "awkward list fields",
+        "awkward with option types (as read from Parquet)",
+    ):
+        for how, selection in selections.items():
+            rows = np.arange(n)[selection]
+            got = model(forms[form][selection])["prob_top"]
+            np.testing.assert_allclose(
+                got, gold["prob_top"][rows], atol=1e-4, rtol=1e-4, err_msg=f"{form}, {how}"
+            )
+
+
 def test_sliced_arrow_table(exported, mlp_models) -> None:
     gold = golden(exported("mlp"))
     table = _forms(gold, mlp_models["aoti"].contract)["arrow table"]

@@ -237,6 +237,46 @@ def test_bad_arrow_and_other_inputs(model, cols) -> None:
         model(cols, out={o: np.empty(3, np.float64) for o in model.output_names})
 
 
+def test_values_that_asarray_would_take_wrongly(model, cols) -> None:
+    """Masked values, Arrow nulls in a mapping, a tensor that needs grad, a scalar, another
+    table column of the same name, overlapping or misnamed ``out``: each an ``InputError``
+    that names the column (``np.asarray`` alone drops a mask and turns nulls into NaN)."""
+    import pyarrow as pa
+
+    expected = model(cols)["prob_top"]
+    pt = cols["jet_pt"]
+    cols["jet_pt"] = np.ma.masked_array(pt.copy(), mask=np.arange(len(pt)) == 3)
+    cols["jet_pt"].data[3] = 1e30  # what the model would see if the mask were dropped
+    with pytest.raises(InputError, match=r"'jet_pt' is a masked array with 1 masked value"):
+        model(cols)
+    cols["jet_pt"] = np.ma.masked_array(pt.copy(), mask=False)  # nothing masked: its data
+    np.testing.assert_array_equal(model(cols)["prob_top"], expected)
+    cols["jet_pt"] = pa.array([*pt[:-1].tolist(), None], pa.float32())
+    with pytest.raises(InputError, match="'jet_pt' has 1 null values"):
+        model(cols)
+    cols["jet_pt"] = torch.from_numpy(pt).requires_grad_()
+    with pytest.raises(InputError, match="'jet_pt' cannot be read as a 1-D array"):
+        model(cols)
+    cols["jet_pt"] = None
+    with pytest.raises(InputError, match="'jet_pt' is a NoneType, not an array"):
+        model(cols)
+    cols["jet_pt"] = pt
+    flat = {n: cols[n] for n in model.contract.flat_names}
+    offsets = pa.array(cols["part_offsets"].astype(np.int32))
+    fields = model.contract.jagged[0].field_input_names
+    lists = {n: pa.ListArray.from_arrays(offsets, pa.array(cols[n])) for n in fields}
+    table = pa.table({**flat, **lists}).append_column("jet_pt", [pt])
+    with pytest.raises(InputError, match="2 columns named 'jet_pt'; rename or drop"):
+        model(table)
+    shared = np.empty(len(pt), np.float32)
+    with pytest.raises(InputError, match=r"out\['prob_top'\] and out\['prob_qcd'\] share memory"):
+        model(cols, out=dict.fromkeys(model.output_names, shared))
+    with pytest.raises(InputError, match="out must be a mapping of output name to array"):
+        model(cols, out=[shared, shared.copy()])
+    with pytest.raises(TypeError, match="max_batch must be an integer"):
+        load(model.export.path, "onnx", max_batch=2.5, verify_golden=False)
+
+
 def test_export_directory_without_manifest(tmp_path: Path) -> None:
     with pytest.raises(MissingManifestError, match=r"has no manifest\.json"):
         load(tmp_path)

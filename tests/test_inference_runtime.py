@@ -238,6 +238,38 @@ def test_same_columns_again_are_checked_again(models, gold, fmt: str) -> None:
     np.testing.assert_array_equal(model(cols)["prob_top"], fresh())
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("path", ["short path", "column by column"])
+def test_strides_set_in_place_are_seen(models, gold, fmt: str, path: str) -> None:
+    """A column of the last call made strided in place (every second value of its buffer)
+    is read as it now is, by the backend and by the NaN check alike, on the short path (all
+    columns zero-copy) and column by column (another column converted)."""
+    model = models[fmt]
+    reference = model.with_nan_policy("raise")  # its own per-thread memory of the last call
+    cols = tile_golden(gold, model.contract, 30)
+    if path == "column by column":
+        cols["jet_eta"] = cols["jet_eta"].astype(np.float64)
+    for name in (model.contract.flat_names[0], model.contract.jagged[0].field_input_names[0]):
+        column = cols[name]
+        for nan_at in (None, 1, 2):  # no NaN; outside the strided view; inside it
+            buffer = np.repeat(column, 2)  # [a, a, b, b, ...]
+            buffer[1::2] *= 1.5  # so that every second value differs from the first n
+            cols[name] = buffer[: len(column)]
+            model(cols)
+            model(cols)  # remembered: the same array objects again
+            if not _set_in_place(cols[name], "strides", (8,)):
+                pytest.skip("this numpy no longer sets strides in place")
+            if nan_at is not None:
+                buffer[nan_at] = np.nan
+            if nan_at == 2:
+                with pytest.raises(InputError, match=name):
+                    model(cols)
+                continue
+            fresh = {k: np.ascontiguousarray(v) for k, v in cols.items()}
+            np.testing.assert_array_equal(model(cols)["prob_top"], reference(fresh)["prob_top"])
+        cols[name] = column
+
+
 def _set_in_place(arr: np.ndarray, attr: str, value: object) -> bool:
     """``arr.<attr> = value``, which numpy deprecated (strides in 2.4, dtype and shape in 2.5);
     ``False`` where this numpy no longer allows it, so that no caller can do it either."""

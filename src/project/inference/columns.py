@@ -10,6 +10,7 @@ awkward), or field ``pt`` of a list-of-records field ``part`` (awkward).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,10 +55,16 @@ def from_arrow(table: Any, contract: InputContract) -> Columns:
     multi-chunk table columns are joined first (a copy).
     """
     names = set(table.schema.names)
+    repeated = {n for n, k in Counter(table.schema.names).items() if k > 1}
 
     def column(name: str) -> Any:
         if name not in names:
             return None
+        if name in repeated:
+            raise InputError(
+                f"the Arrow input has {Counter(table.schema.names)[name]} columns named "
+                f"{name!r}; rename or drop all but one"
+            )
         col = table.column(name)
         if hasattr(col, "num_chunks"):  # a Table's ChunkedArray
             col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
@@ -102,16 +109,22 @@ def from_arrow(table: Any, contract: InputContract) -> Columns:
 
 def _present(layout: Any, name: str) -> Any:
     """``layout`` without option types, which columnar files add for nullable columns (Parquet
-    read by awkward gives ``?float32``); actual missing values are an ``InputError``."""
-    while layout.is_option:
-        if type(layout).__name__ != "UnmaskedArray":  # no mask at all: nothing to check
+    read by awkward gives ``?float32``), and without the index of a filtered or reordered
+    array (``events[mask]``: its values gathered, a copy); actual missing values are an
+    ``InputError``."""
+    while True:
+        kind = type(layout).__name__
+        if kind == "IndexedArray":
+            layout = layout.project()
+        elif not layout.is_option:
+            return layout
+        elif kind == "UnmaskedArray":  # no mask at all: nothing to check
+            layout = layout.content
+        else:
             missing = int(np.count_nonzero(~np.asarray(layout.mask_as_bool(valid_when=True))))
             if missing:
                 raise InputError(f"awkward field {name!r} has {missing} missing (None) values")
             layout = layout.project()
-        else:
-            layout = layout.content
-    return layout
 
 
 def _numbers(layout: Any, name: str, length: int | None = None) -> np.ndarray:

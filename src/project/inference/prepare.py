@@ -42,6 +42,15 @@ _layout = attrgetter("dtype", "strides")
 _item = np.ndarray.item
 
 
+def _unchanged(arr: np.ndarray) -> bool:
+    """Whether a column handed over without a copy in this thread's last call can be handed
+    over as it was then: still 1-D, float32 and contiguous. Its memory cannot have moved (see
+    ``_layout``), but its dtype, shape or strides can have been set in place; a column made
+    strided that way would otherwise reach the backend as the contiguous memory it was, and
+    the finiteness check would read other values than the backend."""
+    return arr.dtype is F32 and arr.ndim == 1 and arr.flags.c_contiguous
+
+
 def _finite(values: np.ndarray) -> bool:
     """Whether all ``values`` (float32, 1-D, contiguous) are finite; allocates nothing.
 
@@ -65,12 +74,31 @@ def _finite(values: np.ndarray) -> bool:
 
 
 def _as_array(value: Any, name: str) -> np.ndarray:
+    """``value`` as a numpy array; what ``np.asarray`` would take wrongly is an ``InputError``:
+    masked values (numpy masked arrays; ``asarray`` drops the mask), Arrow nulls (``asarray``
+    makes them NaN, or anything, for an integer column) and scalars."""
     if type(value) is np.ndarray:
         return value
+    if isinstance(value, np.ma.MaskedArray):
+        masked = int(np.ma.count_masked(value))
+        if masked:
+            raise InputError(
+                f"column {name!r} is a masked array with {masked} masked values; fill them "
+                "(array.filled(value)) or drop those rows first"
+            )
+        value = value.data
+    nulls = getattr(value, "null_count", 0)  # a pyarrow Array or ChunkedArray
+    if type(nulls) is int and nulls:
+        raise InputError(f"column {name!r} has {nulls} null values; fill or drop them first")
     try:
         arr = np.asarray(value)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:
         raise InputError(f"column {name!r} cannot be read as a 1-D array: {err}") from err
+    if arr.ndim == 0:
+        raise InputError(
+            f"column {name!r} is a {type(value).__name__}, not an array: SoA columns are 1-D "
+            "arrays (one value per row, or per object for jagged fields)"
+        )
     return arr
 
 
@@ -180,7 +208,7 @@ class InputPlan:
             for pos, name in enumerate(self.flat):
                 arr = columns[name]
                 seen = last[pos]
-                if seen is not None and seen[0] is arr and arr.dtype is F32 and arr.ndim == 1:
+                if seen is not None and seen[0] is arr and _unchanged(arr):
                     arr = seen[1]
                 else:
                     arr = self._feature_input(arr, name, pos, ws)
@@ -212,7 +240,7 @@ class InputPlan:
                 for name in fields:
                     arr = columns[name]
                     seen = last[pos]
-                    if seen is not None and seen[0] is arr and arr.dtype is F32 and arr.ndim == 1:
+                    if seen is not None and seen[0] is arr and _unchanged(arr):
                         arr = seen[1]
                     else:
                         arr = self._feature_input(arr, name, pos, ws)
