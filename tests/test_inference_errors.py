@@ -222,6 +222,12 @@ def test_bad_arrow_and_other_inputs(model, cols) -> None:
     with_null = dict(flat, jet_pt=pa.array([None, *cols["jet_pt"][1:].tolist()], pa.float32()))
     with pytest.raises(InputError, match="'jet_pt' has 1 null"):
         model(pa.table({**with_null, **lists}))
+    in_dictionary = pa.DictionaryArray.from_arrays(  # a null value, not a null index
+        pa.array(np.arange(len(cols["jet_pt"])) % 2, pa.int32()),
+        pa.array([1.0, None], pa.float32()),
+    )
+    with pytest.raises(InputError, match="'jet_pt' has 45 null"):
+        model(pa.table({**flat, "jet_pt": in_dictionary, **lists}))
     with pytest.raises(InputError, match="must be a list column"):
         model(pa.table({**flat, **lists, "part_pt": np.zeros(len(cols["jet_pt"]), np.float32)}))
     other = pa.ListArray.from_arrays(

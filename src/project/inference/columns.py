@@ -68,6 +68,8 @@ def from_arrow(table: Any, contract: InputContract) -> Columns:
         col = table.column(name)
         if hasattr(col, "num_chunks"):  # a Table's ChunkedArray
             col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        if hasattr(col, "dictionary_decode"):  # its nulls can be in the dictionary too
+            col = col.dictionary_decode()
         if col.null_count:
             raise InputError(f"Arrow column {name!r} has {col.null_count} null values")
         return col
