@@ -54,16 +54,15 @@ def from_arrow(table: Any, contract: InputContract) -> Columns:
     Single-chunk columns (every ``RecordBatch``; tables read in one piece) are zero-copy;
     multi-chunk table columns are joined first (a copy).
     """
-    names = set(table.schema.names)
-    repeated = {n for n, k in Counter(table.schema.names).items() if k > 1}
+    names = Counter(table.schema.names)  # a name can occur more than once in a schema
 
     def column(name: str) -> Any:
         if name not in names:
             return None
-        if name in repeated:
+        if names[name] > 1:
             raise InputError(
-                f"the Arrow input has {Counter(table.schema.names)[name]} columns named "
-                f"{name!r}; rename or drop all but one"
+                f"the Arrow input has {names[name]} columns named {name!r}; rename or drop "
+                "all but one"
             )
         col = table.column(name)
         if hasattr(col, "num_chunks"):  # a Table's ChunkedArray

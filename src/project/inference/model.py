@@ -193,13 +193,14 @@ class InferenceModel:
                     f"least {n_rows} values; got {getattr(arr, 'dtype', type(arr))} "
                     f"{getattr(arr, 'shape', '')}"
                 )
+            view = arr[:n_rows]
             for other, other_name in zip(arrays, self.output_names, strict=False):
-                if np.may_share_memory(arr[:n_rows], other):
+                if np.may_share_memory(view, other):
                     raise InputError(
                         f"out[{name!r}] and out[{other_name!r}] share memory: each output "
                         "needs its own array, or one would overwrite the other"
                     )
-            arrays.append(arr[:n_rows])
+            arrays.append(view)
         return arrays
 
 

@@ -42,12 +42,13 @@ _layout = attrgetter("dtype", "strides")
 _item = np.ndarray.item
 
 
-def _unchanged(arr: np.ndarray) -> bool:
-    """Whether a column handed over without a copy in this thread's last call can be handed
-    over as it was then: still 1-D, float32 and contiguous. Its memory cannot have moved (see
-    ``_layout``), but its dtype, shape or strides can have been set in place; a column made
-    strided that way would otherwise reach the backend as the contiguous memory it was, and
-    the finiteness check would read other values than the backend."""
+def _as_is(arr: np.ndarray) -> bool:
+    """Whether the backend can take feature column ``arr`` without a copy: 1-D, float32 and
+    contiguous. Asked of a new column, and again of a column handed over in this thread's last
+    call: its memory cannot have moved since (see ``_layout``), but its dtype, shape or
+    strides can have been set in place, and a column made strided that way would otherwise
+    reach the backend as the contiguous memory it was, while the finiteness check read
+    other values."""
     return arr.dtype is F32 and arr.ndim == 1 and arr.flags.c_contiguous
 
 
@@ -208,7 +209,7 @@ class InputPlan:
             for pos, name in enumerate(self.flat):
                 arr = columns[name]
                 seen = last[pos]
-                if seen is not None and seen[0] is arr and _unchanged(arr):
+                if seen is not None and seen[0] is arr and _as_is(arr):
                     arr = seen[1]
                 else:
                     arr = self._feature_input(arr, name, pos, ws)
@@ -240,7 +241,7 @@ class InputPlan:
                 for name in fields:
                     arr = columns[name]
                     seen = last[pos]
-                    if seen is not None and seen[0] is arr and _unchanged(arr):
+                    if seen is not None and seen[0] is arr and _as_is(arr):
                         arr = seen[1]
                     else:
                         arr = self._feature_input(arr, name, pos, ws)
@@ -285,12 +286,10 @@ class InputPlan:
     def _feature_input(self, value: Any, name: str, pos: int, ws: Workspace) -> np.ndarray:
         """Graph input ``pos`` from feature column ``value``; remembered in ``ws.inputs`` when
         it is ``value``'s own memory (see ``prepare``)."""
-        if type(value) is np.ndarray and value.dtype is F32 and value.ndim == 1:
-            flags = value.flags
-            if flags.c_contiguous:
-                arr = value if flags.writeable else writable_alias(value)
-                ws.inputs[pos] = (value, arr)
-                return arr
+        if type(value) is np.ndarray and _as_is(value):
+            arr = value if value.flags.writeable else writable_alias(value)
+            ws.inputs[pos] = (value, arr)
+            return arr
         ws.inputs[pos] = None
         return self._feature(value, name, ws)
 
