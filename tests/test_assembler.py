@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from project.data.contract import Feature, InputContract, JaggedCollection
+from project.contract import LOG_FLOOR, Feature, InputContract, JaggedCollection
 from project.soa.assembler import LOG_FLOOR, SoAAssembler, Standardize, pad_jagged
 
 

@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 
 from project.data.batching import EpochSampler, SoABatchLoader, SoATensors
 from project.data.columnar import ColumnarData, Jagged
-from project.data.contract import ContractError, Feature, InputContract, JaggedCollection
+from project.contract import ContractError, Feature, InputContract, JaggedCollection
 from project.data.datamodule import SoADataModule, check_labels, fit_standardizer, split_rows
 from project.data.sources.toy import ToyJetSource
-from project.soa.assembler import LOG_FLOOR
+from project.contract import LOG_FLOOR
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from project.data.contract import (
+from project.contract import (
     SCHEMA_VERSION,
     ContractError,
     Feature,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from project.data.contract import InputContract
+from project.contract import InputContract
 from project.deploy import formats
 from project.deploy.export import ExportFailed, run_export
 from project.deploy.graph import CheckpointError, load_checkpoint

@@ -349,7 +349,7 @@ NAMES = Names("project", "tthml", "hep-ml-template", "tth-classifier", MODULES)
 @pytest.mark.parametrize(
     ("before", "after"),
     [
-        ("from project.data.contract import X", "from tthml.data.contract import X"),
+        ("from project.contract import X", "from tthml.data.contract import X"),
         ("from project import models", "from tthml import models"),
         ("import project", "import tthml"),
         ("    >>> from project.inference import load", "    >>> from tthml.inference import load"),

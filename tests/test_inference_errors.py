@@ -153,7 +153,7 @@ def test_nan_and_inf_in_one_row_of_flat_columns() -> None:
     screen, the row's values summed): NaN, Inf and -Inf are found in every column, on the
     first call and on the same arrays again; the largest finite float32 values in all of
     them at once are not mistaken for an overflow."""
-    from project.data.contract import Feature, InputContract
+    from project.contract import Feature, InputContract
     from project.inference.prepare import InputPlan
     from project.inference.workspace import Workspace
 

@@ -414,7 +414,7 @@ print(json.dumps({{"diff": diff, "backend": model.backend,
     assert out["diff"] < 1e-4
     assert out["loaded"] == []
     assert all(
-        m.startswith(("project.inference", "project.data.contract", "project.data"))
+        m.startswith(("project.inference", "project.contract", "project.data"))
         for m in out["project"]
     )
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from project.data.contract import Feature, InputContract, JaggedCollection
+from project.contract import Feature, InputContract, JaggedCollection
 from project.models import MLP, DeepSets, ParticleTransformer
-from project.soa.assembler import LOG_FLOOR, pad_jagged
+from project.contract import LOG_FLOOR
+from project.soa.assembler import pad_jagged
 from project.training.module import DeployableClassifier, build_classifier
 
 MAX_LENGTH = 8

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from project.data.contract import ContractError
+from project.contract import ContractError
 from project.data.sources._expressions import MissingFileError
 from project.data.sources.jets import write_jets_parquet
 from project.data.sources.parquet import ParquetSource

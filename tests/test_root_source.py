@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from project.data.contract import ContractError
+from project.contract import ContractError
 from project.data.sources._expressions import MissingFileError
 from project.data.sources.root import RootSource
 

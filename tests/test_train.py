@@ -14,7 +14,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf, open_dict
 
-from project.data.contract import InputContract
+from project.contract import InputContract
 from project.training.module import ClassifierModule
 from project.training.run import resolve_ckpt_path, train
 from tests.conftest import FAST, ROOT, compose_train

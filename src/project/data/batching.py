@@ -1,7 +1,8 @@
 """SoA batches without per-sample ``__getitem__`` or collate.
 
 A batch is a dict of tensors keyed by the deployed graph's input names (see
-``InputContract.input_names``) plus ``"label"``: flat columns sliced with one index per batch,
+``InputContract.input_names``) plus what the loss needs (``TRUTH_KEYS``): flat columns sliced
+with one index per batch,
 and per jagged collection its batch-local ``offsets`` and the batch's objects gathered from the
 flat field arrays with one vectorised index (only the first ``max_length`` objects of each row,
 the ones the assembler keeps). The training step therefore sees exactly what a deployed model
@@ -18,8 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from project.contract import InputContract
 from project.data.columnar import ColumnarData
-from project.data.contract import InputContract
+
+# Batch keys beside the graph's inputs: class indices ``(batch,)`` int64, event weights
+# ``(batch,)`` float32 (absent when unweighted) and regression targets ``(batch, n_targets)``
+# float32 in physical units, in contract order.
+LABEL, WEIGHT, TARGETS = "label", "weight", "targets"
+TRUTH_KEYS = (LABEL, WEIGHT, TARGETS)
 
 
 class SoATensors:
@@ -44,6 +51,11 @@ class SoATensors:
             for c in contract.jagged
         }
         self.labels = None if data.labels is None else torch.from_numpy(data.labels)
+        self.weights = None if data.weights is None else torch.from_numpy(data.weights)
+        self.targets = None
+        if contract.regression:
+            columns = [data.targets[t.name] for t in contract.regression]
+            self.targets = torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))
         # Set by ``to(..., resident=True)``: the flat columns as one (n_rows, n_flat) matrix
         # and each collection's fields as one (n_objects, n_fields) matrix.
         self.resident = False
@@ -59,8 +71,7 @@ class SoATensors:
         """Memory the columns occupy."""
         tensors = [*self.flat.values(), *self.offsets.values()]
         tensors += [t for fields in self.fields.values() for t in fields]
-        if self.labels is not None:
-            tensors.append(self.labels)
+        tensors += [t for t in (self.labels, self.weights, self.targets) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def to(self, device: torch.device | str, resident: bool | None = None) -> SoATensors:
@@ -85,6 +96,8 @@ class SoATensors:
             if matrix is not None:
                 self._field_matrices[name] = matrix
         self.labels = None if self.labels is None else self.labels.to(device)
+        self.weights = None if self.weights is None else self.weights.to(device)
+        self.targets = None if self.targets is None else self.targets.to(device)
         return self
 
     def batch(self, rows: Tensor, fixed_size: bool | None = None) -> dict[str, Tensor]:
@@ -127,7 +140,11 @@ class SoATensors:
                         objects.clamp_max(values.numel() - 1)
                     ]
         if self.labels is not None:
-            out["label"] = self.labels[rows]
+            out[LABEL] = self.labels[rows]
+        if self.weights is not None:
+            out[WEIGHT] = self.weights[rows]
+        if self.targets is not None:
+            out[TARGETS] = self.targets[rows]
         return out
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from project.data.contract import ContractError, InputContract
+from project.contract import ContractError, InputContract
 
 
 @dataclass
@@ -36,15 +36,24 @@ class Jagged:
 
 @dataclass
 class ColumnarData:
-    """A SoA table: flat columns, jagged collections and optional integer class labels.
+    """A SoA table: flat columns, jagged collections, and what training needs beside them.
 
-    ``source`` is a human-readable origin (a file path, a generator's settings) used in errors.
+    ``labels`` are integer class indices, ``targets`` the regression targets' true values
+    (float32, physical units), ``weights`` the event weights (float32; ``None`` means 1).
+    ``ids`` holds identifier columns carried along untouched: ``entry`` (the entry number of
+    each row's event in its file) and any requested event identifiers. ``source`` is a
+    human-readable origin (a file path, a generator's settings) used in errors; ``dropped``
+    counts rows dropped for non-finite values.
     """
 
     flat: dict[str, np.ndarray] = field(default_factory=dict)
     jagged: dict[str, Jagged] = field(default_factory=dict)
     labels: np.ndarray | None = None
     source: str = "<memory>"
+    weights: np.ndarray | None = None
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
+    ids: dict[str, np.ndarray] = field(default_factory=dict)
+    dropped: int = 0
 
     def __len__(self) -> int:
         if self.flat:
@@ -53,14 +62,32 @@ class ColumnarData:
             return len(next(iter(self.jagged.values())).offsets) - 1
         return 0 if self.labels is None else len(self.labels)
 
+    def nbytes(self) -> int:
+        """Memory the arrays occupy."""
+        arrays = [*self.flat.values(), *self.targets.values(), *self.ids.values()]
+        for coll in self.jagged.values():
+            arrays += [coll.offsets, *coll.fields.values()]
+        arrays += [a for a in (self.labels, self.weights) if a is not None]
+        return sum(a.nbytes for a in arrays)
+
+    def _per_row(self) -> dict[str, np.ndarray]:
+        out = {f"column {k!r}": v for k, v in self.flat.items()}
+        out.update({f"target {k!r}": v for k, v in self.targets.items()})
+        out.update({f"id {k!r}": v for k, v in self.ids.items()})
+        if self.labels is not None:
+            out["labels"] = self.labels
+        if self.weights is not None:
+            out["weights"] = self.weights
+        return out
+
     def validate(self) -> ColumnarData:
         """Check shapes and offsets; raise ``ContractError`` naming the offending column."""
         n = len(self)
-        for name, col in self.flat.items():
+        for name, col in self._per_row().items():
             if col.ndim != 1 or len(col) != n:
                 raise ContractError(
-                    f"{self.source}: flat column {name!r} has shape {col.shape}, expected ({n},) "
-                    "like the other flat columns"
+                    f"{self.source}: {name} has shape {col.shape}, expected ({n},) like the flat "
+                    "columns"
                 )
         for cname, coll in self.jagged.items():
             off = coll.offsets
@@ -80,10 +107,6 @@ class ColumnarData:
                         f"{self.source}: field {cname}.{fname} has shape {arr.shape}, expected "
                         f"({total},) = offsets[-1]"
                     )
-        if self.labels is not None and (self.labels.ndim != 1 or len(self.labels) != n):
-            raise ContractError(
-                f"{self.source}: labels have shape {self.labels.shape}, expected ({n},)"
-            )
         return self
 
     def take(self, rows: np.ndarray) -> ColumnarData:
@@ -98,6 +121,9 @@ class ColumnarData:
             jagged=jagged,
             labels=None if self.labels is None else self.labels[rows],
             source=self.source,
+            weights=None if self.weights is None else self.weights[rows],
+            targets={k: v[rows] for k, v in self.targets.items()},
+            ids={k: v[rows] for k, v in self.ids.items()},
         )
 
     @staticmethod
@@ -106,6 +132,8 @@ class ColumnarData:
         if not parts:
             raise ValueError("nothing to concatenate")
         first = parts[0]
+        if len(parts) == 1:
+            return first
         jagged = {}
         for cname, coll in first.jagged.items():
             counts = np.concatenate([p.jagged[cname].counts for p in parts])
@@ -113,52 +141,21 @@ class ColumnarData:
                 f: np.concatenate([p.jagged[cname].fields[f] for p in parts]) for f in coll.fields
             }
             jagged[cname] = Jagged.from_counts(counts, fields)
-        labels = None
-        if first.labels is not None:
-            labels = np.concatenate([p.labels for p in parts])
+
+        def joined(get: object) -> np.ndarray | None:
+            arrays = [get(p) for p in parts]  # type: ignore[operator]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
         return ColumnarData(
             flat={k: np.concatenate([p.flat[k] for p in parts]) for k in first.flat},
             jagged=jagged,
-            labels=labels,
+            labels=joined(lambda p: p.labels),
             source=first.source,
+            weights=joined(lambda p: p.weights),
+            targets={k: np.concatenate([p.targets[k] for p in parts]) for k in first.targets},
+            ids={k: np.concatenate([p.ids[k] for p in parts]) for k in first.ids},
+            dropped=sum(p.dropped for p in parts),
         )
-
-    def select_contract(self, contract: InputContract) -> ColumnarData:
-        """Keep exactly the contract's columns, as float32 features and int64 offsets.
-
-        Raises ``ContractError`` naming the missing column and listing what the source has.
-        """
-        flat = {}
-        for feat in contract.flat:
-            if feat.name not in self.flat:
-                raise ContractError(
-                    f"{self.source}: flat column {feat.name!r} required by the contract is missing; "
-                    f"the source has flat columns {sorted(self.flat)}"
-                )
-            flat[feat.name] = _as_float32(
-                self.flat[feat.name], f"{self.source}: column {feat.name!r}"
-            )
-        jagged = {}
-        for coll in contract.jagged:
-            if coll.name not in self.jagged:
-                raise ContractError(
-                    f"{self.source}: jagged collection {coll.name!r} required by the contract is "
-                    f"missing; the source has collections {sorted(self.jagged)}"
-                )
-            src = self.jagged[coll.name]
-            fields = {}
-            for feat in coll.fields:
-                if feat.name not in src.fields:
-                    raise ContractError(
-                        f"{self.source}: field {feat.name!r} of collection {coll.name!r} is missing; "
-                        f"the collection has fields {sorted(src.fields)}"
-                    )
-                fields[feat.name] = _as_float32(
-                    src.fields[feat.name], f"{self.source}: field {coll.name}.{feat.name}"
-                )
-            jagged[coll.name] = Jagged(np.ascontiguousarray(src.offsets, dtype=np.int64), fields)
-        labels = None if self.labels is None else np.asarray(self.labels, dtype=np.int64)
-        return ColumnarData(flat, jagged, labels, self.source).validate()
 
     def to_soa(self, contract: InputContract) -> dict[str, np.ndarray]:
         """The deployed graph's inputs by name (see ``InputContract.input_names``)."""
@@ -187,10 +184,3 @@ def gather_objects(
     total = int(new_offsets[-1])
     obj = np.repeat(starts - new_offsets[:-1], counts) + np.arange(total, dtype=np.int64)
     return new_offsets, obj
-
-
-def _as_float32(arr: np.ndarray, what: str) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.dtype.kind not in "fiub":
-        raise ContractError(f"{what} has dtype {arr.dtype}; expected a numeric column")
-    return np.ascontiguousarray(arr, dtype=np.float32)

@@ -10,11 +10,11 @@ import lightning as L
 import numpy as np
 import torch
 
+from project.contract import LOG_FLOOR, ContractError, InputContract
 from project.data.batching import EpochSampler, SoABatchLoader, SoATensors
 from project.data.columnar import ColumnarData, gather_objects
-from project.data.contract import ContractError, InputContract
-from project.data.sources import Source
-from project.soa.assembler import LOG_FLOOR
+from project.data.expressions import TableSpec
+from project.data.sources import Source, load
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ def _moments(values: np.ndarray, log: bool) -> tuple[float, float]:
 
 
 def fit_standardizer(data: ColumnarData, contract: InputContract) -> InputContract:
-    """Fit mean and scale of every feature on ``data`` (the training split) and return the
-    fitted contract. Jagged fields are fitted on the objects the model sees (the first
-    ``max_length`` of each row)."""
+    """Fit mean and scale of every feature and regression target on ``data`` (the training
+    split) and return the fitted contract. Jagged fields are fitted on the objects the model
+    sees (the first ``max_length`` of each row)."""
     flat = {f.name: _moments(data.flat[f.name], f.transform == "log") for f in contract.flat}
     jagged = {}
     for coll in contract.jagged:
@@ -56,7 +56,8 @@ def fit_standardizer(data: ColumnarData, contract: InputContract) -> InputContra
         jagged[coll.name] = {
             f.name: _moments(src.fields[f.name][seen], f.transform == "log") for f in coll.fields
         }
-    return contract.with_constants(flat, jagged)
+    targets = {t.name: _moments(data.targets[t.name], False) for t in contract.regression}
+    return contract.with_constants(flat, jagged, targets)
 
 
 class SoADataModule(L.LightningDataModule):
@@ -65,9 +66,16 @@ class SoADataModule(L.LightningDataModule):
     Parameters
     ----------
     source
-        Anything with ``load() -> ColumnarData`` (see ``project.data.sources``).
+        Where the stored columns come from (see ``project.data.sources``).
     contract
-        The input contract as written in the data config (constants are fitted here).
+        The input contract as written in the data config: each feature with its expression
+        over the source's columns (constants are fitted here).
+    weight
+        Expression for each row's event weight over the source's columns, for instance
+        ``genWeight * xsec / sum_w``; ``None`` trains unweighted. Negative weights are allowed.
+    nan_policy
+        ``raise`` (NaN or Inf in a feature, target or weight is an error naming the file and
+        column) or ``drop`` (those rows are dropped and counted in the log).
     split
         Train, validation and test fractions.
     seed
@@ -91,6 +99,8 @@ class SoADataModule(L.LightningDataModule):
         self,
         source: Source,
         contract: Mapping[str, Any] | InputContract,
+        weight: str | None = None,
+        nan_policy: str = "raise",
         split: Sequence[float] = (0.7, 0.15, 0.15),
         seed: int = 42,
         batch_size: int = 256,
@@ -106,6 +116,7 @@ class SoADataModule(L.LightningDataModule):
         self.raw_contract = InputContract.from_dict(
             contract if isinstance(contract, InputContract) else dict(contract)
         )
+        self.weight, self.nan_policy = weight, nan_policy
         self.split, self.seed = tuple(split), seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         if batch_size < 1 or eval_batch_size < 1:
@@ -122,14 +133,23 @@ class SoADataModule(L.LightningDataModule):
         self._tensors: dict[str, SoATensors] = {}
 
     def prepare_data(self) -> None:
-        """Generate or download-free cache the data once (rank zero): loading does it."""
-        self.source.load()
+        """Let a generating source write its cache once (rank zero), before ``setup``."""
+        self.source.files()
+
+    def table_spec(self) -> TableSpec:
+        """What the source is read into: the contract's columns, labels, targets, weights."""
+        return TableSpec(self.raw_contract, weight=self.weight, nan_policy=self.nan_policy)
 
     def setup(self, stage: str | None = None) -> None:
         """Load, check against the contract, split and fit; idempotent."""
         if self.contract is not None:
             return
-        data = self.source.load().select_contract(self.raw_contract)
+        data = load(self.source, self.table_spec())
+        if data.dropped:
+            log.warning(
+                f"{data.source}: {data.dropped} rows with NaN or Inf values dropped "
+                "(data.nan_policy=drop)"
+            )
         check_labels(data, self.raw_contract)
         names = ("train", "val", "test")
         parts = split_rows(len(data), self.split, self.seed)
@@ -203,11 +223,14 @@ class SoADataModule(L.LightningDataModule):
 
 
 def check_labels(data: ColumnarData, contract: InputContract) -> None:
-    """Labels must exist and lie in ``[0, n_classes)``; otherwise name the source and classes."""
-    if data.labels is None:
-        raise ContractError(f"{data.source}: the source gives no labels; set its label expression")
+    """Labels must exist and lie in ``[0, n_classes)``, and every class must carry a positive
+    total weight; otherwise name the source and classes."""
     if len(data) == 0:
         raise ContractError(f"{data.source}: no rows (check the selection)")
+    if not contract.classes:
+        return
+    if data.labels is None:
+        raise ContractError(f"{data.source}: the source gives no labels; set its label expression")
     bad = (data.labels < 0) | (data.labels >= contract.n_classes)
     if bad.any():
         found = sorted(set(np.unique(data.labels[bad]).tolist()))[:10]
@@ -215,3 +238,12 @@ def check_labels(data: ColumnarData, contract: InputContract) -> None:
             f"{data.source}: labels {found} are outside 0..{contract.n_classes - 1} for classes "
             f"{list(contract.classes)}; fix the label expression or the contract's classes"
         )
+    weights = np.ones(len(data)) if data.weights is None else data.weights.astype(np.float64)
+    totals = np.bincount(data.labels, weights=weights, minlength=contract.n_classes)
+    for k, total in enumerate(totals):
+        if not total > 0:
+            raise ContractError(
+                f"{data.source}: class {contract.classes[k]!r} has total weight {total:.6g} "
+                f"after the selection ({int(np.sum(data.labels == k))} rows); a class needs rows "
+                "with a positive sum of weights: check the label, selection and weight expressions"
+            )

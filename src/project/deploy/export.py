@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from project.contract import InputContract
 from project.data.columnar import ColumnarData
-from project.data.contract import InputContract
+from project.data.sample import SAMPLE_FILE, read_sample
 from project.deploy import formats
 from project.deploy.graph import CheckpointError, LoadedCheckpoint, load_checkpoint
 from project.deploy.manifest import MANIFEST_VERSION, now_utc, provenance, validate_manifest
@@ -96,25 +96,15 @@ def find_checkpoint(run_dir: Path, which: str) -> tuple[Path, str | None]:
 
 
 def validation_rows(run_dir: Path, contract: InputContract) -> ColumnarData:
-    """The run's validation split, rebuilt from its resolved config, as raw SoA columns.
+    """The raw SoA sample of the run's validation split, written by the training run
+    (``validation_sample.parquet``, hash-checked); the training data is not needed.
 
-    Raises ``CheckpointError`` if the run's data contract is not the checkpoint's.
+    Raises ``CheckpointError`` if the sample is missing, changed, or of another contract.
     """
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.setup("validate")
-    data_contract = datamodule.contract
-    if (
-        data_contract.input_names != contract.input_names
-        or data_contract.classes != contract.classes
-    ):
-        raise CheckpointError(
-            f"the checkpoint's contract (inputs {contract.input_names}, classes "
-            f"{list(contract.classes)}) is not the contract of run {run_dir} (inputs "
-            f"{data_contract.input_names}, classes {list(data_contract.classes)}): the checkpoint "
-            "belongs to another model or data configuration"
-        )
-    return datamodule.splits["val"]
+    try:
+        return read_sample(run_dir / SAMPLE_FILE, contract)
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(f"run {run_dir}: {err}") from err
 
 
 def _example(rows: ColumnarData, contract: InputContract, device: str) -> tuple[torch.Tensor, ...]:
@@ -284,7 +274,7 @@ def _export_into(
         tmp_dir / "golden.npz",
         **golden_in,
         **{o: t.numpy() for o, t in zip(contract.outputs, golden_out, strict=True)},
-        labels=golden.labels,
+        **({} if golden.labels is None else {"labels": golden.labels}),
     )
 
     all_passed = all(e["passed"] for e in artifacts)
@@ -308,9 +298,9 @@ def _export_into(
                 "name": o,
                 "dtype": "float32",
                 "shape": ["batch"],
-                "meaning": f"probability of class {c!r}",
+                "meaning": contract.output_meaning(o),
             }
-            for o, c in zip(contract.outputs, contract.classes, strict=True)
+            for o in contract.outputs
         ],
         "artifacts": published,
         "parity": {

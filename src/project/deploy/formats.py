@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from project.data.contract import InputContract
+from project.contract import InputContract
 from project.deploy.graph import DeployGraph
 
 

@@ -1,4 +1,5 @@
-"""The deploy graph: raw SoA columns in, class probabilities out, one tensor per output name."""
+"""The deploy graph: raw SoA columns in, one tensor per output name out (class probabilities,
+regression targets in physical units)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from project.data.contract import InputContract
-from project.training.module import DeployableClassifier, build_classifier
+from project.contract import ContractError, InputContract
+from project.soa.deployable import DeployableModel, build_model
 from project.utils import sha256_file
+from project.utils.importing import UntrustedTargetError, allowed_targets
 
 
 class DeployGraph(nn.Module):
-    """Assembler, standardisation, network and softmax, with the contract's input signature.
+    """The deployable model with the contract's input signature and named outputs.
 
     ``forward(*inputs)`` takes the inputs positionally in ``contract.input_names`` order (flat
     columns ``(batch,)``; per collection ``offsets`` ``(batch + 1,)`` int64 and fields
-    ``(n_total,)``) and returns one ``(batch,)`` probability tensor per ``contract.outputs``.
+    ``(n_total,)``) and returns one ``(batch,)`` tensor per ``contract.outputs``.
     """
 
-    def __init__(self, classifier: DeployableClassifier, contract: InputContract) -> None:
+    def __init__(self, model: DeployableModel) -> None:
         super().__init__()
-        self.classifier = classifier
-        self.n_outputs = contract.n_classes
+        self.model = model
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        """Probabilities per class, each ``(batch,)``."""
-        probs = self.classifier(list(inputs)).softmax(dim=-1)
-        return tuple(probs[:, i] for i in range(self.n_outputs))
+        """The outputs, each ``(batch,)``."""
+        return tuple(self.model.outputs(self.model(list(inputs))))
 
 
 class CheckpointError(ValueError):
@@ -80,15 +80,24 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Loa
             f"checkpoint {path} has no contract/net hyperparameters: it was not written by "
             "project.training.module.ClassifierModule"
         )
-    contract = InputContract.from_dict(hparams["contract"])
-    classifier = build_classifier(contract, hparams["net"])
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    missing, unexpected = classifier.load_state_dict(state, strict=False)
+    try:
+        contract = InputContract.from_dict(hparams["contract"])
+        model = build_model(contract, hparams["net"], allowed_targets())
+    except (UntrustedTargetError, ContractError) as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from err
+    state = model_state(ckpt["state_dict"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not match the network {hparams['net'].get('_target_')}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    graph = DeployGraph(classifier.eval(), contract).eval()
+    graph = DeployGraph(model.eval()).eval()
     return LoadedCheckpoint(graph, contract, dict(hparams["net"]), path, digest)
+
+
+def model_state(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The deployable model's weights from a training checkpoint's ``state_dict``: the keys
+    under ``model.``, without that prefix."""
+    prefix = "model."
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}

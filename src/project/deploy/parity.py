@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from project.contract import InputContract
 from project.data.columnar import ColumnarData, Jagged
-from project.data.contract import InputContract
 from project.deploy.graph import DeployGraph
 
 Case = list[np.ndarray]

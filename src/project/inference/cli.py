@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from project.data.contract import ContractError
+from project.contract import ContractError
 from project.inference.errors import ArtifactError, InputError
 from project.inference.model import DEFAULT_MAX_BATCH, InferenceModel, load
 from project.inference.threads import ThreadPolicyError

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from project.data.contract import InputContract
+from project.contract import InputContract
 from project.inference.errors import InputError
 
 

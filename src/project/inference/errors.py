@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from project.data.contract import ContractError
+from project.contract import ContractError
 
 
 class InputError(ContractError):

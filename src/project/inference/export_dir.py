@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from project.data.contract import ContractError, InputContract
+from project.contract import ContractError, InputContract
 from project.inference.backends import FORMATS
 from project.inference.errors import (
     ArtifactError,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from project.data.contract import InputContract
+from project.contract import InputContract
 from project.inference.backends import FORMATS, open_backend
 from project.inference.columns import to_columns
 from project.inference.errors import ArtifactError, InputError, ParityFailedError

@@ -17,7 +17,7 @@ class DeepSets(nn.Module):
 
     Parameters
     ----------
-    n_flat, n_fields, max_lengths, n_classes
+    n_flat, n_fields, max_lengths, n_outputs
         Sizes from ``InputContract.model_dims()``.
     collection
         Index of the jagged collection to use.
@@ -34,7 +34,7 @@ class DeepSets(nn.Module):
         n_flat: int,
         n_fields: Sequence[int],
         max_lengths: Sequence[int],
-        n_classes: int,
+        n_outputs: int,
         collection: int = 0,
         phi_hidden: Sequence[int] = (64, 64, 64),
         f_hidden: Sequence[int] = (64, 64),
@@ -51,10 +51,10 @@ class DeepSets(nn.Module):
         self.phi = TorchvisionMLP(n_fields[collection], list(phi_hidden), activation_layer=nn.GELU)
         f_in = phi_hidden[-1] + (n_flat if self.use_flat else 0)
         self.f = TorchvisionMLP(f_in, list(f_hidden), activation_layer=nn.GELU, dropout=dropout)
-        self.head = nn.Linear(f_hidden[-1], n_classes)
+        self.head = nn.Linear(f_hidden[-1], n_outputs)
 
     def forward(self, flat: Tensor, jagged: list[Tensor], masks: list[Tensor]) -> Tensor:
-        """Logits ``(batch, n_classes)``."""
+        """Logits ``(batch, n_outputs)``."""
         objects = jagged[self.collection]  # (batch, n_max, n_fields)
         mask = masks[self.collection].unsqueeze(-1).to(objects.dtype)
         pooled = (self.phi(objects) * mask).sum(dim=1)  # (batch, latent)

@@ -13,7 +13,7 @@ class MLP(nn.Module):
 
     Parameters
     ----------
-    n_flat, n_fields, max_lengths, n_classes
+    n_flat, n_fields, max_lengths, n_outputs
         Sizes from ``InputContract.model_dims()``.
     hidden
         Width of each hidden layer.
@@ -26,7 +26,7 @@ class MLP(nn.Module):
         n_flat: int,
         n_fields: Sequence[int],
         max_lengths: Sequence[int],
-        n_classes: int,
+        n_outputs: int,
         hidden: Sequence[int] = (128, 128, 64),
         dropout: float = 0.1,
     ) -> None:
@@ -40,8 +40,8 @@ class MLP(nn.Module):
             activation_layer=nn.GELU,
             dropout=dropout,
         )
-        self.head = nn.Linear(hidden[-1], n_classes)
+        self.head = nn.Linear(hidden[-1], n_outputs)
 
     def forward(self, flat: Tensor, jagged: list[Tensor], masks: list[Tensor]) -> Tensor:
-        """Logits ``(batch, n_classes)`` from ``flat`` ``(batch, n_flat)``."""
+        """Logits ``(batch, n_outputs)`` from ``flat`` ``(batch, n_flat)``."""
         return self.head(self.body(flat))

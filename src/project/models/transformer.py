@@ -49,7 +49,7 @@ class ParticleTransformer(nn.Module):
 
     Parameters
     ----------
-    n_flat, n_fields, max_lengths, n_classes
+    n_flat, n_fields, max_lengths, n_outputs
         Sizes from ``InputContract.model_dims()``.
     collection
         Index of the jagged collection to use.
@@ -66,7 +66,7 @@ class ParticleTransformer(nn.Module):
         n_flat: int,
         n_fields: Sequence[int],
         max_lengths: Sequence[int],
-        n_classes: int,
+        n_outputs: int,
         collection: int = 0,
         dim: int = 64,
         heads: int = 4,
@@ -93,10 +93,10 @@ class ParticleTransformer(nn.Module):
         self.blocks = nn.ModuleList(_Block(dim, heads, expansion, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         head_in = dim + (n_flat if self.use_flat else 0)
-        self.head = nn.Sequential(nn.Linear(head_in, dim), nn.GELU(), nn.Linear(dim, n_classes))
+        self.head = nn.Sequential(nn.Linear(head_in, dim), nn.GELU(), nn.Linear(dim, n_outputs))
 
     def forward(self, flat: Tensor, jagged: list[Tensor], masks: list[Tensor]) -> Tensor:
-        """Logits ``(batch, n_classes)``."""
+        """Logits ``(batch, n_outputs)``."""
         objects = jagged[self.collection]
         mask = masks[self.collection]
         x = self.embed(objects)

@@ -23,9 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from project.data.contract import Feature, InputContract
-
-LOG_FLOOR = 1e-6
+from project.contract import LOG_FLOOR, Feature, InputContract
 
 
 class Standardize(nn.Module):

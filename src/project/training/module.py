@@ -1,4 +1,4 @@
-"""The LightningModule for classification (binary and multi-class) on SoA batches."""
+"""The LightningModule: classification, regression or both, on SoA batches, with weights."""
 
 from __future__ import annotations
 
@@ -6,21 +6,21 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import AUROC, Accuracy
 
-from project.data.contract import InputContract
-from project.soa.assembler import SoAAssembler
+from project.contract import InputContract
+from project.data.batching import LABEL, TARGETS, WEIGHT
+from project.soa.deployable import build_model
 from project.training.graphs import GraphedForward, graphs_unavailable
-from project.utils import build_from_config
+from project.utils.importing import allowed_targets, build_from_config
 
 log = logging.getLogger(__name__)
 
@@ -35,31 +35,71 @@ def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any] | None:
     return dict(cfg)
 
 
-class DeployableClassifier(nn.Module):
-    """SoA assembler followed by the network: raw columns to logits.
+def weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    """``sum(w * v) / sum(w)`` over the batch (the plain mean without weights).
 
-    The deploy graph wraps exactly this module (plus the output activation), so the trained
-    weights and the preprocessing constants travel together in one ``state_dict``.
+    Negative weights (NLO generators) enter as they are; the normalisation by the sum of the
+    batch's weights keeps the loss on the scale of an unweighted mean.
     """
-
-    def __init__(self, contract: InputContract, net: nn.Module) -> None:
-        super().__init__()
-        self.assembler = SoAAssembler(contract)
-        self.net = net
-
-    def forward(self, inputs: list[Tensor]) -> Tensor:
-        """Logits ``(batch, n_classes)`` from inputs in ``contract.input_names`` order."""
-        flat, jagged, masks = self.assembler(inputs)
-        return self.net(flat, jagged, masks)
+    if weights is None:
+        return values.mean()
+    return (weights * values).sum() / weights.sum()
 
 
-def build_classifier(contract: InputContract, net: Mapping[str, Any]) -> DeployableClassifier:
-    """Assembler plus the network built from its ``_target_`` config with the contract's sizes."""
-    return DeployableClassifier(contract, build_from_config(net, **contract.model_dims()))
+_REGRESSION_LOSSES = {
+    "mse": lambda p, t: F.mse_loss(p, t, reduction="none"),
+    "huber": lambda p, t: F.huber_loss(p, t, reduction="none", delta=1.0),
+    "l1": lambda p, t: F.l1_loss(p, t, reduction="none"),
+}
+
+
+def loss_terms(
+    head: Tensor,
+    batch: Mapping[str, Tensor],
+    contract: InputContract,
+    target_mean: Tensor,
+    target_scale: Tensor,
+    label_smoothing: float = 0.0,
+) -> dict[str, Tensor]:
+    """The batch's losses by name (``class``, ``<target>``) and their weighted sum ``total``.
+
+    Parameters
+    ----------
+    head
+        ``(batch, n_outputs)``: class logits, then standardised regression values.
+    batch
+        The SoA batch with ``label``, ``targets`` ``(batch, n_targets)`` in physical units and
+        optionally ``weight``.
+    contract
+        Says which outputs there are, their losses and loss weights.
+    target_mean, target_scale
+        The targets' standardisation: the loss compares standardised values.
+    """
+    weights = batch.get(WEIGHT)
+    terms: dict[str, Tensor] = {}
+    total = head.new_zeros(())
+    k = contract.n_classes
+    if k:
+        ce = F.cross_entropy(
+            head[:, :k].float(), batch[LABEL], reduction="none", label_smoothing=label_smoothing
+        )
+        terms["class"] = weighted_mean(ce, weights)
+        total = total + contract.class_loss_weight * terms["class"]
+    for i, target in enumerate(contract.regression):
+        truth = (batch[TARGETS][:, i] - target_mean[i]) / target_scale[i]
+        per_row = _REGRESSION_LOSSES[target.loss](head[:, k + i].float(), truth)
+        terms[target.name] = weighted_mean(per_row, weights)
+        total = total + target.loss_weight * terms[target.name]
+    terms["total"] = total
+    return terms
 
 
 class ClassifierModule(L.LightningModule):
-    """Cross-entropy classifier whose first step on every batch is the SoA assembler.
+    """Trains a ``DeployableModel``: the SoA assembler is the first step on every batch.
+
+    The loss is the cross-entropy of the classes and the regression losses of the targets
+    (each the weighted mean over the batch, see ``weighted_mean``), summed with the contract's
+    loss weights.
 
     Parameters
     ----------
@@ -68,11 +108,13 @@ class ClassifierModule(L.LightningModule):
     contract
         The fitted input contract (``InputContract.to_dict()``), saved in the checkpoint.
     optimizer, scheduler
-        Hydra configs with ``_partial_: true``; the scheduler is optional.
+        Configs with ``_partial_: true``; the scheduler is optional.
     label_smoothing
         Cross-entropy label smoothing.
     compile
-        Wrap the network in ``torch.compile`` for training.
+        Compile the network with ``torch.compile`` for training (in place: the checkpoint's
+        keys are those of the uncompiled model, so either kind of run resumes or exports the
+        other's checkpoints).
     cuda_graphs
         On a single CUDA device, capture the training forward and backward in CUDA graphs
         (``project.training.graphs``; off by itself elsewhere, and said why on a GPU). Set
@@ -115,16 +157,18 @@ class ClassifierModule(L.LightningModule):
                 "the contract has no standardisation constants; build the module with the "
                 "DataModule's fitted contract (datamodule.contract)"
             )
-        self.model = build_classifier(self.contract, self.hparams.net)
+        self.model = build_model(self.contract, self.hparams.net, allowed_targets())
         self.input_names = self.contract.input_names
         self.n_classes = self.contract.n_classes
-        task = "binary" if self.n_classes == 2 else "multiclass"
-        metrics = MetricCollection(
-            {
-                "auroc": AUROC(task=task, num_classes=self.n_classes),
-                "accuracy": Accuracy(task=task, num_classes=self.n_classes),
-            }
-        )
+        metrics = MetricCollection({})
+        if self.n_classes:
+            task = "binary" if self.n_classes == 2 else "multiclass"
+            metrics = MetricCollection(
+                {
+                    "auroc": AUROC(task=task, num_classes=self.n_classes),
+                    "accuracy": Accuracy(task=task, num_classes=self.n_classes),
+                }
+            )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         # The epoch's training loss: a device-side running sum (one kernel per step; a
@@ -134,7 +178,6 @@ class ClassifierModule(L.LightningModule):
         self._loss_steps = 0
         self.test_probs = CatMetric()
         self.test_labels = CatMetric()
-        self._forward_net = self.model
         self._graphed: GraphedForward | None = None
         self.cuda_graph_steps = 0  # training steps replayed from CUDA graphs in the last fit
 
@@ -145,9 +188,9 @@ class ClassifierModule(L.LightningModule):
             super().__setattr__(name, value)
 
     def setup(self, stage: str) -> None:
-        """Compile the network on the training device if asked."""
+        """Compile the network in place on the training device if asked."""
         if self.hparams.compile and stage == "fit":
-            self._forward_net = torch.compile(self.model)
+            self.model.compile()
 
     def on_train_start(self) -> None:
         """Decide whether the training forward runs in CUDA graphs (captured on the first
@@ -159,7 +202,7 @@ class ClassifierModule(L.LightningModule):
             self.device,
             self.trainer.world_size,
             self.trainer.accumulate_grad_batches,
-            self._forward_net is not self.model,
+            bool(self.hparams.compile),
         )
         if reason is None:
             self._graphed = GraphedForward(self.model)
@@ -172,22 +215,26 @@ class ClassifierModule(L.LightningModule):
         self._graphed = None
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """Logits ``(batch, n_classes)`` of a SoA batch."""
+        """The head ``(batch, n_outputs)`` of a SoA batch (class logits, standardised targets)."""
         inputs = [batch[name] for name in self.input_names]
         if self._graphed is not None and self.training:
             logits = self._graphed(inputs)
             if logits is not None:
                 return logits
-        return self._forward_net(inputs)
+        return self.model(inputs)
 
-    def _metric_inputs(self, logits: Tensor) -> Tensor:
-        probs = logits.softmax(dim=-1)
+    def _metric_inputs(self, head: Tensor) -> Tensor:
+        probs = head[:, : self.n_classes].float().softmax(dim=-1)
         return probs[:, 1] if self.n_classes == 2 else probs
+
+    def _losses(self, head: Tensor, batch: Mapping[str, Tensor], smoothing: float = 0.0) -> dict:
+        return loss_terms(
+            head, batch, self.contract, self.model.target_mean, self.model.target_scale, smoothing
+        )
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step's loss."""
-        logits = self(batch)
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        loss = self._losses(self(batch), batch, self.hparams.label_smoothing)["total"]
         # The hot path stays free of host synchronisation and of Lightning's logging
         # machinery (a ``self.log`` call costs about a millisecond of host time, more than
         # a whole small-model step on a GPU): the step loss is logged only on the steps whose
@@ -222,39 +269,32 @@ class ClassifierModule(L.LightningModule):
             }
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def _evaluate(self, batch: Mapping[str, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
+        head = self(batch)
+        n = len(batch[self.input_names[0]]) if self.contract.flat else head.shape[0]
+        for name, value in self._losses(head, batch).items():
+            key = f"{stage}/loss" if name == "total" else f"{stage}/loss_{name}"
+            self.log(key, value, on_epoch=True, prog_bar=name == "total", sync_dist=True, batch_size=n)
+        if self.n_classes:
+            metrics.update(self._metric_inputs(head), batch[LABEL])
+            self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val")
+        return head
+
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        """Validation loss and metrics, reduced across ranks at epoch end."""
-        logits = self(batch)
-        loss = F.cross_entropy(logits, batch["label"])
-        self.val_metrics.update(self._metric_inputs(logits), batch["label"])
-        self.log(
-            "val/loss",
-            loss,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=len(batch["label"]),
-        )
-        self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
+        """Validation losses and metrics, reduced across ranks at epoch end."""
+        self._evaluate(batch, "val", self.val_metrics)
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        """Test metrics; probabilities are kept for the plots."""
-        logits = self(batch)
-        probs = logits.softmax(dim=-1)
-        self.test_metrics.update(self._metric_inputs(logits), batch["label"])
-        self.test_probs.update(probs)
-        self.test_labels.update(batch["label"].float())
-        self.log(
-            "test/loss",
-            F.cross_entropy(logits, batch["label"]),
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=len(batch["label"]),
-        )
-        self.log_dict(self.test_metrics, on_epoch=True)
+        """Test losses and metrics; probabilities are kept for the plots."""
+        head = self._evaluate(batch, "test", self.test_metrics)
+        if self.n_classes:
+            self.test_probs.update(head[:, : self.n_classes].float().softmax(dim=-1))
+            self.test_labels.update(batch[LABEL].float())
 
     def on_test_epoch_end(self) -> None:
         """Gather all ranks' test predictions and draw the ROC curve and score plots."""
+        if not self.n_classes:
+            return
         probs = self.test_probs.compute()  # synchronised across ranks
         labels = self.test_labels.compute().long()
         self.test_probs.reset()
@@ -274,11 +314,13 @@ class ClassifierModule(L.LightningModule):
                     add_figure(f"test/{name}", fig, global_step=self.global_step)
 
     def configure_optimizers(self) -> Any:
-        """Optimiser (and scheduler, stepped per epoch) from the Hydra configs."""
-        optimizer = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameters())
+        """Optimiser (and scheduler, stepped per epoch) from their configs; only targets the
+        project's configs name are built (``project.utils.importing``)."""
+        allowed = allowed_targets()
+        optimizer = build_from_config(self.hparams.optimizer, allowed, params=self.parameters())
         if self.hparams.scheduler is None:
             return optimizer
-        scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        scheduler = build_from_config(self.hparams.scheduler, allowed, optimizer=optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},

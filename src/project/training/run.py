@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from project.data.sample import SAMPLE_FILE, write_sample
 from project.training.callbacks import EpochTimer
 from project.utils import atomic_write_text
 
@@ -86,6 +87,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = hydra.utils.instantiate(cfg.model, contract=datamodule.contract.to_dict())
+    # Raw validation rows beside the checkpoints: the export reads them, not the training data.
+    rank_zero_only(write_sample)(
+        datamodule.splits["val"], datamodule.contract, output_dir / SAMPLE_FILE
+    )
 
     timer = EpochTimer()
     callbacks = [*instantiate_group(cfg.get("callbacks")), timer]

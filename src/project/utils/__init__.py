@@ -1,6 +1,19 @@
-"""Small shared utilities (standard library only, so any layer may import them)."""
+"""Small shared utilities, importable by every layer (standard library only at import)."""
 
-from project.utils.files import atomic_write_text, sha256_file
+from project.utils.files import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    follow_umask,
+    sha256_file,
+)
 from project.utils.importing import build_from_config
 
-__all__ = ["atomic_write_text", "build_from_config", "sha256_file"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "build_from_config",
+    "follow_umask",
+    "sha256_file",
+]

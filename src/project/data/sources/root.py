@@ -1,26 +1,26 @@
-"""Any ROOT TTree, read column-wise through uproot into a ``ColumnarData`` table.
+"""ROOT TTrees read column-wise through uproot, in entry ranges.
 
-Everything is declared in the data config (see ``RootSource``); only the branches the
-declared expressions name are read, in chunks of ``step_size``, and every check that can fail
-does so in ``load()`` with one ``ContractError`` that names the file, tree, branch or expression.
+Only the branches that the contract's expressions name are read, in chunks of ``step_size``;
+every check that can fail does so with one ``ContractError`` that names the file, tree,
+branch or expression.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import uproot
 
-from project.data.columnar import ColumnarData
-from project.data.contract import ContractError
-from project.data.sources._expressions import TableSpec, assemble, describe, resolve_files
+from project.contract import ContractError
+from project.data.expressions import resolve_files
+from project.data.sources import Chunk, entry_ranges
 
 
 class RootSource:
-    """Rows from a TTree: one per event, or one per object of a jagged collection.
+    """Events of a TTree in one or more ROOT files.
 
     Parameters
     ----------
@@ -28,80 +28,66 @@ class RootSource:
         A path, a glob pattern or a list of them; the trees are concatenated in order.
     tree
         Name (or ``dir/name`` path) of the TTree in every file, e.g. ``Events``.
-    flat
-        Flat columns: ``{name: branch or expression}``; a list means branch names kept as
-        they are. Each must give one value per row.
-    jagged
-        Jagged collections: ``{collection: {field: branch or expression}}``; a list of field
-        names ``[pt, eta]`` means branches ``<collection>_pt``, ``<collection>_eta``. All fields
-        of one collection must have the same number of objects in every event.
-    label
-        Expression giving each row's class index (integers >= 0, booleans become 0/1), e.g.
-        ``abs(Jet_hadronFlavour) == 5``; ``None`` gives no labels.
-    selection
-        Boolean expression; rows where it is false are dropped, e.g. ``Jet_pt > 20``.
-    per_object
-        Collection prefix such as ``Jet`` (for the ``Jet_*`` branches): one row per object of
-        that collection instead of one per event. Branches of the collection then become flat
-        per-object columns, event-level branches are repeated for each object of their event,
-        and ``selection`` and ``label`` are evaluated per object. Jagged collections are still
-        built per event and each row carries its event's. Objects are counted from a
-        ``<prefix>_*`` jagged branch.
     step_size
-        Chunk size for ``uproot``'s iteration (entries as an int, or a size like ``"100 MB"``).
+        Chunk size: entries as an int, or a memory size such as ``"100 MB"`` of the branches
+        read (uproot's ``num_entries_for``).
 
     Notes
     -----
-    Expressions are Python over branch names and the functions of
-    ``project.data.sources._expressions.FUNCTIONS`` (``abs``, ``sqrt``, ``log``, ``hypot``,
-    ``where``, ``num``, ``sum``, ``any`` ...), evaluated on whole arrays; ``and``, ``or``,
-    ``not`` act element-wise. A branch whose name is no Python identifier can still be given
-    on its own (not inside an expression).
+    The contract says what is built from the branches: expressions are Python over branch
+    names and the functions of ``project.data.expressions.FUNCTIONS`` (``abs``, ``sqrt``,
+    ``log``, ``hypot``, ``where``, ``num``, ``sum``, ``any`` ...), evaluated on whole arrays;
+    ``and``, ``or``, ``not`` act element-wise. A branch whose name is no Python identifier can
+    still be given on its own (not inside an expression). With ``per_object: Jet``, branches of
+    that collection become per-object columns and event-level branches are repeated for each
+    object of their event.
     """
 
+    kind = "branch"
+
     def __init__(
-        self,
-        files: str | Sequence[str],
-        tree: str,
-        flat: Mapping[str, str] | Sequence[str] | None = None,
-        jagged: Mapping[str, Mapping[str, str] | Sequence[str]] | None = None,
-        label: str | None = None,
-        selection: str | None = None,
-        per_object: str | None = None,
-        step_size: str | int = "100 MB",
+        self, files: str | Sequence[str], tree: str, step_size: str | int = "100 MB"
     ) -> None:
-        self.files = files
+        self.paths = files
         self.tree = str(tree)
-        # Parsed here so a malformed declaration fails when Hydra builds the source.
-        self.spec = TableSpec(flat, jagged, label, selection, per_object)
+        if isinstance(step_size, int) and step_size < 1:
+            raise ContractError(f"step_size must be >= 1 entries or a size like '100 MB', got {step_size}")
         self.step_size = step_size
-        self._data: ColumnarData | None = None
 
-    def load(self) -> ColumnarData:
-        """Read the declared columns of every file into one validated table (cached)."""
-        if self._data is None:
-            files = resolve_files(self.files, "ROOT")
-            source = f"{describe(files)}:{self.tree}"
-            self._data = assemble(
-                (part for path in files for part in self._read(path)), self.spec, source
+    def files(self) -> list[str]:
+        """The ROOT files, globs expanded."""
+        return resolve_files(self.paths, "ROOT")
+
+    def where(self, file: str) -> str:
+        """``path:tree``."""
+        return f"{file}:{self.tree}"
+
+    def schema(self, file: str) -> tuple[list[str], set[str]]:
+        """The tree's branch names, and the jagged ones."""
+        with open_tree(file, self.tree) as tree:
+            names = list(tree.keys())
+            return names, {n for n in names if _is_jagged(tree[n])}
+
+    def chunks(self, file: str, columns: Sequence[str]) -> list[Chunk]:
+        """Entry ranges of ``step_size`` (entries, or the memory size of ``columns``)."""
+        with open_tree(file, self.tree) as tree:
+            n = tree.num_entries
+            step = self.step_size
+            if not isinstance(step, int):
+                wanted = set(columns)
+                step = tree.num_entries_for(step, filter_name=lambda name: name in wanted)
+        return entry_ranges(n, step, file, self.where(file))
+
+    def read(self, chunk: Chunk, columns: Sequence[str]) -> dict[str, Any]:
+        """The branches ``columns`` of the chunk's entries, as awkward arrays."""
+        with open_tree(chunk.file, self.tree) as tree:
+            arrays = tree.arrays(
+                list(columns), entry_start=chunk.start, entry_stop=chunk.stop, library="ak"
             )
-        return self._data
+        return {name: arrays[name] for name in columns}
 
-    def _read(self, path: str) -> Iterator[tuple[ColumnarData, int]]:
-        where = f"{path}:{self.tree}"
-        with open_tree(path, self.tree) as tree:
-            branches = list(tree.keys())
-            jagged = [name for name in branches if _is_jagged(tree[name])]
-            binding = self.spec.bind(branches, set(jagged), where, "branch")
-            wanted = set(binding.columns)
-            for chunk, report in tree.iterate(
-                filter_name=lambda name: name in wanted,
-                step_size=self.step_size,
-                library="ak",
-                report=True,
-            ):
-                arrays = {name: chunk[name] for name in binding.columns}
-                yield binding.build(arrays, start=report.tree_entry_start)
+    def __repr__(self) -> str:
+        return f"RootSource({self.paths!r}, tree={self.tree!r})"
 
 
 @contextlib.contextmanager
@@ -129,12 +115,17 @@ def open_tree(
 
 def _tree(file: Any, path: str, name: str) -> Any:
     """The TTree ``name`` of an open file, or a ``ContractError`` listing what the file holds."""
+    held = dict(file.classnames(cycle=False))
+    if "RNTuple" in str(held.get(name, "")):
+        raise ContractError(
+            f"{path}: {name!r} is an RNTuple, which this source does not read yet; write the "
+            "ntuple as a TTree (or as Parquet, and use data=parquet)"
+        )
     try:
         obj = file[name]
     except Exception:
         obj = None
     if not isinstance(obj, uproot.behaviors.TTree.TTree):
-        held = {k: v for k, v in file.classnames(cycle=False).items()}
         trees = sorted(k for k, v in held.items() if v.startswith(("TTree", "TNtuple")))
         raise ContractError(
             f"{path}: no TTree named {name!r}; the file holds trees {trees} "

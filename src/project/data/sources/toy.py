@@ -1,14 +1,22 @@
-"""An instant synthetic source with the schema of the Pythia jets source, for unit tests.
+"""An instant synthetic source with the columns of the Pythia jets cache, for tests and demos.
 
-The numbers are not physics: two classes differ in jet mass, N-subjettiness ratios and
-constituent multiplicity enough for a model to learn something in a few steps.
+The numbers are not physics: the two classes differ in jet mass, N-subjettiness ratios and
+constituent multiplicity enough for a model to learn something in a few steps. Beside the
+features the table has what an analysis' samples carry: an event weight ``gen_weight`` (about
+5% negative, as at NLO), a per-class cross-section ``xsec``, and a regression target
+``jet_truth_mass``, a smooth function of the inputs with a little noise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
+
+import awkward as ak
 import numpy as np
 
-from project.data.columnar import ColumnarData, Jagged
+from project.data.sources import Chunk, entry_ranges
 
 FLAT = (
     "jet_pt",
@@ -23,10 +31,12 @@ FLAT = (
     "jet_tau32",
 )
 FIELDS = ("pt", "eta", "phi", "energy", "deta", "dphi", "ptrel", "erel", "dr")
+EXTRA = ("label", "gen_weight", "xsec", "jet_truth_mass")
 
 
 class ToyJetSource:
-    """Synthetic jets: flat ``jet_*`` columns, a jagged ``part`` collection, labels 0/1.
+    """Synthetic jets: flat ``jet_*`` columns, list columns ``part_*``, ``label`` 0/1, and the
+    extra columns of the module docstring.
 
     Parameters
     ----------
@@ -36,13 +46,51 @@ class ToyJetSource:
         Seed of the generator: the same seed gives the same table.
     max_constituents
         Upper bound of the constituent multiplicity; rows with zero constituents occur.
+    chunk_size
+        Rows per chunk (``None``: one chunk), to exercise chunked and streamed reading.
     """
 
-    def __init__(self, n_jets: int = 512, seed: int = 0, max_constituents: int = 40) -> None:
-        self.n_jets, self.seed, self.max_constituents = n_jets, seed, max_constituents
+    kind = "column"
 
-    def load(self) -> ColumnarData:
-        """Generate the table (vectorised, milliseconds)."""
+    def __init__(
+        self,
+        n_jets: int = 512,
+        seed: int = 0,
+        max_constituents: int = 40,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.n_jets, self.seed, self.max_constituents = int(n_jets), int(seed), max_constituents
+        self.chunk_size = chunk_size
+
+    @property
+    def name(self) -> str:
+        """The one 'file' of this source, as named in messages."""
+        return f"toy jets (n_jets={self.n_jets}, seed={self.seed})"
+
+    def files(self) -> list[str]:
+        """One stream."""
+        return [self.name]
+
+    def where(self, file: str) -> str:
+        """The stream's name."""
+        return file
+
+    def schema(self, file: str) -> tuple[list[str], set[str]]:
+        """Column names, and the list columns ``part_*``."""
+        names = list(self.table)
+        return names, {n for n in names if n.startswith("part_")}
+
+    def chunks(self, file: str, columns: Sequence[str]) -> list[Chunk]:
+        """Rows in pieces of ``chunk_size``."""
+        return entry_ranges(self.n_jets, self.chunk_size or self.n_jets, file, file)
+
+    def read(self, chunk: Chunk, columns: Sequence[str]) -> dict[str, Any]:
+        """The chunk's rows of ``columns``."""
+        return {c: self.table[c][chunk.start : chunk.stop] for c in columns}
+
+    @cached_property
+    def table(self) -> dict[str, Any]:
+        """The generated columns (vectorised, milliseconds; generated once per instance)."""
         rng = np.random.default_rng(self.seed)
         n = self.n_jets
         label = rng.integers(0, 2, n)
@@ -93,13 +141,19 @@ class ToyJetSource:
             "erel": energy / np.maximum(jet_energy[row], 1e-9),
             "dr": np.hypot(deta, dphi),
         }
-        return ColumnarData(
-            flat={k: v.astype(np.float32) for k, v in flat.items()},
-            jagged={
-                "part": Jagged.from_counts(
-                    counts, {k: v.astype(np.float32) for k, v in fields.items()}
-                )
-            },
-            labels=label.astype(np.int64),
-            source=f"toy jets (n_jets={n}, seed={self.seed})",
-        ).validate()
+        # What a sample carries beside its features: generator weights (some negative) and a
+        # cross-section per class, and a truth quantity to regress.
+        gen_weight = np.where(rng.random(n) < 0.05, -1.0, 1.0)
+        xsec = np.where(label == 1, 0.8, 2.5)
+        truth_mass = mass * (1.0 + 0.25 * (tau21 - 0.6)) * (pt / 600.0) + rng.normal(0, 2.0, n)
+        table: dict[str, Any] = {k: v.astype(np.float32) for k, v in flat.items()}
+        for name, values in fields.items():
+            table[f"part_{name}"] = ak.unflatten(values.astype(np.float32), counts)
+        table["label"] = label.astype(np.int64)
+        table["gen_weight"] = gen_weight.astype(np.float32)
+        table["xsec"] = xsec.astype(np.float32)
+        table["jet_truth_mass"] = truth_mass.astype(np.float32)
+        return table
+
+    def __repr__(self) -> str:
+        return f"ToyJetSource(n_jets={self.n_jets}, seed={self.seed})"

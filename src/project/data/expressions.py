@@ -1,15 +1,17 @@
-"""Column expressions and the table builder shared by the file sources (ROOT, Parquet).
+"""Column expressions and the table builder shared by every source.
 
-A source declares what it wants as expressions over the names of stored columns (ROOT branches,
-Parquet columns): a bare name (``Jet_pt``) or a Python expression over names and the functions
-in ``FUNCTIONS`` (``abs(Jet_hadronFlavour) == 5``, ``hypot(MET_px, MET_py)``). Expressions are
-evaluated once per chunk on whole arrays (numpy for per-event values, awkward for jagged ones),
-never per row. ``and``/``or``/``not`` and chained comparisons (``0 < x < 1``) are rewritten to
-their element-wise forms, because Python's own versions ask an array for a single truth value.
+The contract declares each value as an expression over the names of stored columns (ROOT
+branches, Parquet columns, HDF5 fields): a bare name (``Jet_pt``) or a Python expression over
+names and the functions in ``FUNCTIONS`` (``abs(Jet_hadronFlavour) == 5``,
+``hypot(MET_px, MET_py)``). Expressions are evaluated once per chunk on whole arrays (numpy for
+per-event values, awkward for jagged ones), never per row. ``and``/``or``/``not`` and chained
+comparisons (``0 < x < 1``) are rewritten to their element-wise forms, because Python's own
+versions ask an array for a single truth value.
 
-``TableSpec`` holds a source's declarations; ``TableSpec.bind`` checks them against one file's
-columns and says which columns to read; ``Binding.build`` turns the arrays of one chunk into a
-``ColumnarData`` part; ``assemble`` joins the parts and checks that the selection kept rows.
+``TableSpec`` holds what to build (from the contract, plus the training-side weight);
+``TableSpec.bind`` checks it against one file's columns and says which columns to read;
+``Binding.build`` turns the arrays of one chunk into a ``ColumnarData`` part; ``assemble``
+joins the parts and checks that the selection kept rows.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from typing import Any
 import awkward as ak
 import numpy as np
 
+from project.contract import ContractError, Feature, InputContract
 from project.data.columnar import ColumnarData, Jagged, gather_objects
-from project.data.contract import ContractError
 
 
 class MissingFileError(ContractError, FileNotFoundError):
@@ -208,19 +210,6 @@ class Expression:
             ) from err
 
 
-def _names(value: Any, what: str) -> dict[str, Any]:
-    """A YAML ``name -> expression`` mapping, or a list meaning ``name -> name``."""
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        return {str(k): v for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return {str(v): str(v) for v in value}
-    raise ContractError(
-        f"{what}: expected a mapping name -> expression or a list of names, got {value!r}"
-    )
-
-
 def _depth(value: Any) -> int:
     """0 for a scalar, 1 for one value per row, 2 for a list per row, and so on."""
     if isinstance(value, ak.Array):
@@ -245,58 +234,78 @@ def _numeric(value: Any, what: str) -> np.ndarray:
     return arr
 
 
+NAN_POLICIES = ("raise", "drop")
+
+
 class TableSpec:
-    """A file source's declarations: flat columns, jagged collections, label, selection, rows.
+    """What to build from a source: the contract's columns, labels, selection and rows, plus
+    the training-side event weight and any identifier columns to carry along.
 
     Parameters
     ----------
-    flat
-        Output column name -> stored column or expression; a list means identical names.
-    jagged
-        Collection name -> {field name -> stored column or expression}; a list of field names
-        means the stored columns ``<collection>_<field>``.
-    label
-        Expression giving the class index of each row (integers >= 0 or booleans).
-    selection
-        Boolean expression; only rows where it is true are kept.
-    per_object
-        Collection prefix (``Jet`` for ``Jet_*``): one row per object of that collection instead
-        of one row per event; see ``Binding.build``.
+    contract
+        The input contract: each feature's ``expr``, the jagged collections (with their
+        optional ``counts`` column), ``per_object``, ``selection``, ``label`` and the regression
+        targets' expressions.
+    weight
+        Expression for each row's event weight (``genWeight * xsec / sum_w``); ``None`` gives
+        unit weights. Negative weights are allowed.
+    ids
+        Stored columns copied to ``ColumnarData.ids`` as they are (event identifiers).
+    labels
+        Build labels and regression targets (training); ``False`` for scoring, where the truth
+        may not exist.
+    apply_selection
+        Apply the contract's selection; ``False`` keeps every row (scoring).
+    nan_policy
+        ``"raise"``: NaN or Inf in a feature, target or weight is an error naming the file,
+        the column and the count; ``"drop"``: such rows are dropped (and counted in
+        ``ColumnarData.dropped``).
     """
 
     def __init__(
         self,
-        flat: Mapping[str, Any] | Sequence[str] | None = None,
-        jagged: Mapping[str, Any] | None = None,
-        label: str | None = None,
-        selection: str | None = None,
-        per_object: str | None = None,
+        contract: InputContract,
+        weight: str | None = None,
+        ids: Sequence[str] = (),
+        labels: bool = True,
+        apply_selection: bool = True,
+        nan_policy: str = "raise",
     ) -> None:
-        self.flat = {
-            k: Expression(v, f"flat column {k!r}") for k, v in _names(flat, "flat").items()
+        if nan_policy not in NAN_POLICIES:
+            raise ContractError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        self.contract = contract
+        self.flat = {f.name: (f, Expression(f.expr, f"flat column {f.name!r}")) for f in contract.flat}
+        self.jagged: dict[str, dict[str, tuple[Feature, Expression]]] = {
+            c.name: {f.name: (f, Expression(f.expr, f"field {c.name}.{f.name}")) for f in c.fields}
+            for c in contract.jagged
         }
-        self.jagged: dict[str, dict[str, Expression]] = {}
-        if jagged is not None and not isinstance(jagged, Mapping):
-            raise ContractError(f"jagged: expected a mapping collection -> fields, got {jagged!r}")
-        for cname, fields in (jagged or {}).items():
-            pairs = _names(fields, f"jagged collection {cname!r}")
-            if isinstance(fields, Sequence):  # the list form names fields, not stored columns
-                pairs = {f: f"{cname}_{f}" for f in pairs}
-            if not pairs:
-                raise ContractError(f"jagged collection {cname!r} declares no fields")
-            self.jagged[str(cname)] = {
-                f: Expression(e, f"field {cname}.{f}") for f, e in pairs.items()
-            }
-        if not self.flat and not self.jagged:
-            raise ContractError("declare at least one flat column or one jagged collection")
-        self.label = None if label is None else Expression(label, "label")
+        self.counts = {
+            c.name: Expression(c.counts, f"counts of collection {c.name!r}")
+            for c in contract.jagged
+            if c.counts is not None
+        }
+        self.label = (
+            Expression(contract.label, "label") if labels and contract.label is not None else None
+        )
+        self.targets = (
+            {t.name: Expression(t.expr, f"regression target {t.name!r}") for t in contract.regression}
+            if labels
+            else {}
+        )
+        self.weight = None if weight is None else Expression(weight, "weight")
+        selection = contract.selection if apply_selection else None
         self.selection = None if selection is None else Expression(selection, "selection")
-        self.per_object = None if per_object is None else str(per_object).rstrip("_")
+        self.per_object = contract.per_object
+        self.ids = list(ids)
+        self.nan_policy = nan_policy
 
     def expressions(self) -> list[Expression]:
-        """Every declared expression."""
-        out = [*self.flat.values(), *(e for f in self.jagged.values() for e in f.values())]
-        return out + [e for e in (self.label, self.selection) if e is not None]
+        """Every expression to evaluate."""
+        out = [e for _, e in self.flat.values()]
+        out += [e for fields in self.jagged.values() for _, e in fields.values()]
+        out += [*self.counts.values(), *self.targets.values()]
+        return out + [e for e in (self.label, self.weight, self.selection) if e is not None]
 
     @property
     def unit(self) -> str:
@@ -325,6 +334,13 @@ class TableSpec:
         """
         names = set(available)
         columns = {c for e in self.expressions() for c in e.columns(names, where, kind)}
+        for name in self.ids:
+            if name not in names:
+                raise ContractError(
+                    f"{where}: identifier {kind} {name!r} does not exist; "
+                    f"close matches: {difflib.get_close_matches(name, list(names), n=5) or 'none'}"
+                )
+            columns.add(name)
         reference = None
         if self.per_object is not None:
             prefix = f"{self.per_object}_"
@@ -365,14 +381,15 @@ class Binding:
         arrays
             Column name -> array with events along the first axis, for ``self.columns``.
         start
-            The chunk's first entry in its file, for messages.
+            The chunk's first entry in its file: rows record their event's entry number
+            (``ids["entry"]``) and messages name entries.
 
         Returns
         -------
         tuple of (ColumnarData, int)
             The part, and its number of rows before the selection.
         """
-        where = self.where
+        spec, where = self.spec, self.where
         n_events = len(arrays[self.columns[0]])
         counts = None
         row_event = np.arange(n_events)
@@ -381,6 +398,7 @@ class Binding:
             counts = counts.astype(np.int64)
             row_event = np.repeat(row_event, counts)
         n_rows = len(row_event)
+        chunk = f"{where} (entries {start}-{start + n_events})"
 
         def rows(expr: Expression) -> np.ndarray:
             value = expr.evaluate(arrays, where)
@@ -393,7 +411,7 @@ class Binding:
             if depth == 2 and counts is None:
                 hint = (
                     "declare it under `jagged`"
-                    if expr in self.spec.flat.values()
+                    if any(expr is e for _, e in spec.flat.values())
                     else "reduce it per event with any(), all(), sum() or num()"
                 )
                 raise ContractError(
@@ -405,30 +423,82 @@ class Binding:
                 if not np.array_equal(n, counts):
                     raise ContractError(
                         f"{what} has a different number of values per event than the "
-                        f"{self.spec.per_object} objects (the rows, counted from "
+                        f"{spec.per_object} objects (the rows, counted from "
                         f"{self.reference!r}): it belongs to another collection; declare it "
                         "under `jagged` as a collection of its own"
                     )
                 return _numeric(ak.flatten(value, axis=1), what)
             raise ContractError(f"{what} is nested {depth} levels deep; expected 1 or 2")
 
-        keep: slice | np.ndarray = slice(None)
-        if self.spec.selection is not None:
-            mask = rows(self.spec.selection)
+        keep = np.ones(n_rows, dtype=bool)
+        if spec.selection is not None:
+            mask = rows(spec.selection)
             if mask.dtype != np.bool_:
                 raise ContractError(
-                    f"{where}: selection = {self.spec.selection.text!r} gives {mask.dtype} values; "
+                    f"{where}: selection = {spec.selection.text!r} gives {mask.dtype} values; "
                     "expected booleans (a comparison such as `Jet_pt > 20`)"
                 )
-            keep = np.flatnonzero(mask)
-        flat = {name: rows(expr)[keep] for name, expr in self.spec.flat.items()}
-        labels = None if self.spec.label is None else self._labels(rows(self.spec.label))[keep]
-        kept_events = row_event[keep]
-        jagged = {
-            cname: _gather(self._collection(cname, fields, arrays, start), kept_events)
-            for cname, fields in self.spec.jagged.items()
+            keep &= mask
+        flat = {
+            name: _feature(feat, rows(expr), f"{where}: flat column {name!r} = {expr.text!r}")
+            for name, (feat, expr) in spec.flat.items()
         }
-        return ColumnarData(flat, jagged, labels, where), n_rows
+        labels = None if spec.label is None else self._labels(rows(spec.label))
+        targets = {
+            name: _floats(rows(expr), f"{where}: {expr.what} = {expr.text!r}")
+            for name, expr in spec.targets.items()
+        }
+        weights = None
+        if spec.weight is not None:
+            weights = _floats(rows(spec.weight), f"{where}: weight = {spec.weight.text!r}")
+        ids = {name: _numeric(arrays[name], name)[row_event] for name in spec.ids}
+        ids["entry"] = start + row_event
+        jagged = {
+            cname: self._collection(cname, fields, arrays, start) for cname, fields in spec.jagged.items()
+        }
+        # Non-finite values: per row of this chunk, in the features it sees, targets, weights.
+        finite = np.ones(n_rows, dtype=bool)
+        checked: list[tuple[str, np.ndarray, np.ndarray]] = []
+        for name, values in flat.items():
+            checked.append((f"flat column {name!r}", values, np.isfinite(values)))
+        for name, values in targets.items():
+            checked.append((f"regression target {name!r}", values, np.isfinite(values)))
+        if weights is not None:
+            checked.append(("weight", weights, np.isfinite(weights)))
+        for cname, coll in jagged.items():
+            owner = np.repeat(np.arange(n_events), coll.counts)
+            for fname, values in coll.fields.items():
+                ok = np.isfinite(values)
+                per_event = np.ones(n_events, dtype=bool)
+                per_event[owner[~ok]] = False
+                checked.append((f"field {cname}.{fname}", values, per_event[row_event]))
+        for what, values, ok in checked:
+            if ok.all():
+                continue
+            if spec.nan_policy == "raise":
+                bad = ~np.isfinite(values)
+                raise ContractError(
+                    f"{chunk}: {what} has {int(np.isnan(values).sum())} NaN and "
+                    f"{int(bad.sum() - np.isnan(values).sum())} Inf values (first at entry "
+                    f"{start + int(row_event[np.flatnonzero(~ok)[0]])}); fix the input, or set "
+                    "data.nan_policy=drop to drop those rows"
+                )
+            finite &= ok
+        keep &= finite
+        dropped = int(n_rows - finite.sum())
+        kept = np.flatnonzero(keep)
+        kept_events = row_event[kept]
+        part = ColumnarData(
+            flat={k: v[kept] for k, v in flat.items()},
+            jagged={k: _gather(v, kept_events) for k, v in jagged.items()},
+            labels=None if labels is None else labels[kept],
+            source=where,
+            weights=None if weights is None else weights[kept],
+            targets={k: v[kept] for k, v in targets.items()},
+            ids={k: v[kept] for k, v in ids.items()},
+            dropped=dropped,
+        )
+        return part, n_rows
 
     def _labels(self, values: np.ndarray) -> np.ndarray:
         text = self.spec.label.text
@@ -445,10 +515,14 @@ class Binding:
         return values.astype(np.int64)
 
     def _collection(
-        self, cname: str, fields: Mapping[str, Expression], arrays: Mapping[str, Any], start: int
+        self,
+        cname: str,
+        fields: Mapping[str, tuple[Feature, Expression]],
+        arrays: Mapping[str, Any],
+        start: int,
     ) -> Jagged:
         counts, first, values = None, "", {}
-        for fname, expr in fields.items():
+        for fname, (feat, expr) in fields.items():
             value = expr.evaluate(arrays, self.where)
             what = f"{self.where}: {expr.what} = {expr.text!r}"
             depth = _depth(value)
@@ -468,8 +542,36 @@ class Binding:
                     f"objects: {first!r} has {counts[i]} and {fname!r} has {n[i]} in entry "
                     f"{start + i}; all fields of one collection must come from one collection"
                 )
-            values[fname] = _numeric(ak.flatten(value, axis=1), what)
+            values[fname] = _feature(feat, _numeric(ak.flatten(value, axis=1), what), what)
+        declared = self.spec.counts.get(cname)
+        if declared is not None:
+            stored = _numeric(declared.evaluate(arrays, self.where), declared.what)
+            if stored.shape != counts.shape or not np.array_equal(stored, counts):
+                i = int(np.flatnonzero(stored != counts)[0]) if stored.shape == counts.shape else 0
+                raise ContractError(
+                    f"{self.where}: counts = {declared.text!r} of collection {cname!r} does not "
+                    f"match its fields ({first!r}): entry {start + i} has "
+                    f"{stored[i] if stored.shape == counts.shape else stored.shape} against "
+                    f"{counts[i]} objects; the counts column belongs to another collection"
+                )
         return Jagged.from_counts(counts, values)
+
+
+def _floats(values: np.ndarray, what: str) -> np.ndarray:
+    """A target or weight as float32 (numbers and booleans only)."""
+    if values.dtype.kind not in "biuf":
+        raise ContractError(f"{what} gives {values.dtype} values; expected numbers")
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def _feature(feat: Feature, values: np.ndarray, what: str) -> np.ndarray:
+    """A feature's values as float32; booleans only where the contract declares them."""
+    if values.dtype == np.bool_ and not feat.boolean:
+        raise ContractError(
+            f"{what} gives booleans: declare the feature with `boolean: true` if a 0/1 flag is "
+            "meant, or give an expression with numbers"
+        )
+    return _floats(values, what)
 
 
 def _gather(coll: Jagged, events: np.ndarray) -> Jagged:
@@ -492,9 +594,12 @@ def assemble(
     data = ColumnarData.concatenate([p for p, _ in parts])
     data.source = source
     if len(data) == 0:
+        what = (
+            f"selection = {spec.selection.text!r}" if spec.selection is not None else "the NaN policy"
+        )
         raise ContractError(
-            f"{source}: selection = {spec.selection.text!r} keeps none of the {before} "
-            f"{spec.unit}; loosen it or check the columns it uses"
+            f"{source}: {what} keeps none of the {before} {spec.unit}; loosen it or check the "
+            "columns it uses"
         )
     return data.validate()
 

@@ -10,6 +10,9 @@ Generation is split into fixed chunks of ``chunk_size`` jets of one class. A chu
 derives from ``(seed, class, chunk index)`` only, so the output is byte-identical whatever the
 number of worker processes. Events come from ``Pythia.nextBatch`` as Awkward arrays and are
 clustered with FastJet's multi-event interface, so no Python code runs per particle or per jet.
+
+Pythia and FastJet are the optional extra ``pythia`` (``pip install -e ".[pythia]"``); they
+are imported only when jets are generated, so a cached table reads without them.
 """
 
 from __future__ import annotations
@@ -19,18 +22,20 @@ import importlib.metadata
 import json
 import multiprocessing
 import os
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from filelock import FileLock
 from tqdm.auto import tqdm
 
 from project.data.columnar import ColumnarData, Jagged, gather_objects
+from project.data.sources import Chunk
+from project.data.sources.parquet import ParquetSource
+from project.data.writing import LABEL_COLUMN, arrow_table, write_parquet
+from project.utils import atomic_write_text
 
 FLAT_COLUMNS = (
     "jet_pt", "jet_eta", "jet_phi", "jet_mass", "jet_n_constituents",
@@ -189,7 +194,7 @@ def _jets_from_batch(batch: Any, task: _ChunkTask) -> dict[str, np.ndarray]:
     import awkward as ak
     import fastjet
 
-    from project.data.sources._nsubjettiness import momenta_as_events, nsubjettiness
+    from project.data.sources.nsubjettiness import momenta_as_events, nsubjettiness
 
     prt = batch["prt"]
     n_events = len(prt)
@@ -324,12 +329,13 @@ def _run_task(item: tuple[int, _ChunkTask]) -> tuple[int, dict[str, np.ndarray]]
 class PythiaJetSource:
     """Top jets (label 1) against QCD jets (label 0) from Pythia 8, cached as Parquet.
 
-    Flat columns (float32): ``jet_pt``, ``jet_eta``, ``jet_phi``, ``jet_mass``,
+    The source generates its cache when first asked for its files, and reads it as a
+    ``ParquetSource`` from then on. Stored columns (float32): ``jet_pt``, ``jet_eta``, ``jet_phi``, ``jet_mass``,
     ``jet_n_constituents``, ``jet_tau1``, ``jet_tau2``, ``jet_tau3`` (N-subjettiness, beta = 1,
     exclusive-kt axes, normalised by ``sum pT_i * R``), ``jet_tau21``, ``jet_tau32`` (0 where
-    the denominator is 0). Jagged collection ``part`` (constituents, hardest first), float32
-    fields ``pt``, ``eta``, ``phi``, ``energy``, ``deta``, ``dphi`` (wrapped to [-pi, pi)),
-    ``ptrel``, ``erel``, ``dr``. Labels int64, rows shuffled with ``seed``.
+    the denominator is 0); list columns ``part_<field>`` (constituents, hardest first) for
+    ``pt``, ``eta``, ``phi``, ``energy``, ``deta``, ``dphi`` (wrapped to [-pi, pi)),
+    ``ptrel``, ``erel``, ``dr``; ``label`` int64. Rows shuffled with ``seed``.
 
     Top jets must contain a hadronically decaying top: ``dR(jet, top) < radius`` and the b and
     both W-decay quarks within ``radius`` of the jet axis. QCD jets are those of the two leading
@@ -423,31 +429,48 @@ class PythiaJetSource:
         key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()
         return self.cache_dir / f"jets-{key[:12]}.parquet"
 
-    def load(self) -> ColumnarData:
-        """Read the cache, or generate the jets and write it first.
+    kind = "column"
 
-        Returns
-        -------
-        ColumnarData
-            Validated table with the flat columns, the ``part`` collection and int64 labels.
+    def files(self) -> list[str]:
+        """The cache file, generated first if it does not exist.
+
+        Under torchrun or SLURM every rank starts at once: one generates, the others wait on
+        the lock and then read the cache it wrote.
         """
         path = self.cache_path
-        if path.exists():
-            return read_jets_parquet(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Under torchrun or SLURM every rank starts at once: one generates, the others wait
-        # on the lock and then read the cache it wrote.
-        with FileLock(str(path.with_name(f".{path.name}.lock"))):
-            if path.exists():
-                return read_jets_parquet(path)
-            data = self._generate()
-            data.source = str(path)
-            write_jets_parquet(data, path)
-            _atomic_write(
-                path.with_suffix(".json"),
-                (json.dumps(self.settings, indent=2, sort_keys=True) + "\n").encode(),
-            )
-        return data.validate()
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path.with_name(f".{path.name}.lock"))):
+                if not path.exists():
+                    self._write_cache(self._generate(), path)
+        return [str(path)]
+
+    def where(self, file: str) -> str:
+        """The cache path."""
+        return file
+
+    def schema(self, file: str) -> tuple[list[str], set[str]]:
+        """The cache's columns (see ``ParquetSource.schema``)."""
+        return self._cache.schema(file)
+
+    def chunks(self, file: str, columns: Sequence[str]) -> list[Chunk]:
+        """The cache's row groups."""
+        return self._cache.chunks(file, columns)
+
+    def read(self, chunk: Chunk, columns: Sequence[str]) -> dict[str, Any]:
+        """A row group of the cache."""
+        return self._cache.read(chunk, columns)
+
+    @property
+    def _cache(self) -> ParquetSource:
+        return ParquetSource(str(self.cache_path))
+
+    def _write_cache(self, data: ColumnarData, path: Path) -> None:
+        """The table and, beside it, the settings that made it (both atomically)."""
+        table = arrow_table({**data.flat, LABEL_COLUMN: data.labels}, data.jagged)
+        write_parquet(table, path)
+        settings = json.dumps(self.settings, indent=2, sort_keys=True) + "\n"
+        atomic_write_text(path.with_suffix(".json"), settings)
 
     def _tasks(self) -> list[_ChunkTask]:
         per_class = (self.n_jets - self.n_jets // 2, self.n_jets // 2)  # background gets extra
@@ -501,85 +524,4 @@ class PythiaJetSource:
         return f"PythiaJetSource({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        # mkstemp makes the file private (0600); give it the usual umask-based permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_jets_parquet(data: ColumnarData, path: str | Path) -> None:
-    """Write a jets table atomically: flat columns, ``label`` and ``part_<field>`` lists.
-
-    Parameters
-    ----------
-    data
-        Table with ``FLAT_COLUMNS``, the ``part`` collection and labels.
-    path
-        Destination; a temporary file in the same directory is renamed onto it.
-    """
-    part = data.jagged["part"]
-    offsets = pa.array(part.offsets.astype(np.int32))  # list<> offsets are int32
-    columns = {k: pa.array(data.flat[k].astype(np.float32)) for k in FLAT_COLUMNS}
-    columns["label"] = pa.array(np.asarray(data.labels, dtype=np.int64))
-    for f in PART_FIELDS:
-        columns[f"part_{f}"] = pa.ListArray.from_arrays(
-            offsets, pa.array(part.fields[f].astype(np.float32))
-        )
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(columns), sink)
-    _atomic_write(Path(path), sink.getvalue().to_pybytes())
-
-
-def read_jets_parquet(path: str | Path) -> ColumnarData:
-    """Read a table written by ``write_jets_parquet`` without per-row Python.
-
-    Raises
-    ------
-    ValueError
-        If a column is missing, a list column has nulls, or the ``part_*`` columns disagree on
-        their offsets.
-    """
-    table = pq.read_table(path)
-    missing = [
-        c
-        for c in (*FLAT_COLUMNS, "label", *(f"part_{f}" for f in PART_FIELDS))
-        if c not in table.column_names
-    ]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}; has {table.column_names}")
-    flat = {k: table.column(k).to_numpy().astype(np.float32) for k in FLAT_COLUMNS}
-    labels = table.column("label").to_numpy().astype(np.int64)
-    offsets = None
-    fields = {}
-    for f in PART_FIELDS:
-        arr = table.column(f"part_{f}").combine_chunks()
-        if arr.null_count:
-            raise ValueError(f"{path}: column part_{f} has {arr.null_count} null rows")
-        off = np.asarray(arr.offsets, dtype=np.int64)
-        off = off - off[0]  # a sliced array's offsets need not start at 0
-        if offsets is None:
-            offsets = off
-        elif not np.array_equal(off, offsets):
-            raise ValueError(f"{path}: part_{f} has different offsets from part_{PART_FIELDS[0]}")
-        fields[f] = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    return ColumnarData(flat, {"part": Jagged(offsets, fields)}, labels, str(path)).validate()
-
-
-__all__ = [
-    "CLASSES",
-    "FLAT_COLUMNS",
-    "PART_FIELDS",
-    "PythiaJetSource",
-    "read_jets_parquet",
-    "write_jets_parquet",
-]
+__all__ = ["CLASSES", "FLAT_COLUMNS", "PART_FIELDS", "PythiaJetSource"]

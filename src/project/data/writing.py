@@ -1,0 +1,54 @@
+"""SoA tables to Parquet: flat columns as columns, jagged fields as list columns.
+
+The one writer of the data layer: the Pythia jets cache, the run directory's validation
+sample, and generated shards all go through it, atomically. A file written here reads back
+through ``ParquetSource`` with a contract whose expressions are the column names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from project.contract import InputContract
+from project.data.columnar import ColumnarData, Jagged
+from project.utils import atomic_path
+
+LABEL_COLUMN, WEIGHT_COLUMN = "label", "weight"
+
+
+def arrow_table(flat: Mapping[str, np.ndarray], jagged: Mapping[str, Jagged]) -> pa.Table:
+    """One column per flat array, one list column ``<collection>_<field>`` per jagged field
+    (int32 list offsets where they fit, int64 large lists beyond)."""
+    columns = {name: pa.array(values) for name, values in flat.items()}
+    for cname, coll in jagged.items():
+        large = len(coll.offsets) and int(coll.offsets[-1]) > np.iinfo(np.int32).max
+        offsets = pa.array(coll.offsets.astype(np.int64 if large else np.int32))
+        kind = pa.LargeListArray if large else pa.ListArray
+        for fname, values in coll.fields.items():
+            columns[f"{cname}_{fname}"] = kind.from_arrays(offsets, pa.array(values))
+    return pa.table(columns)
+
+
+def write_parquet(table: pa.Table, path: str | Path, row_group_size: int | None = None) -> None:
+    """Write ``table`` to ``path`` atomically (a unique temporary file, then a rename)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
+
+
+def soa_table(data: ColumnarData, contract: InputContract) -> pa.Table:
+    """The contract's inputs of ``data`` under their input names, with the label, regression
+    targets and weights beside them: what a model sees, as raw SoA."""
+    flat = {name: data.flat[name] for name in contract.flat_names}
+    if data.labels is not None:
+        flat[LABEL_COLUMN] = data.labels
+    for target in contract.regression:
+        flat[target.name] = data.targets[target.name]
+    if data.weights is not None:
+        flat[WEIGHT_COLUMN] = data.weights
+    jagged = {c.name: data.jagged[c.name] for c in contract.jagged}
+    return arrow_table(flat, jagged)
