@@ -13,13 +13,12 @@ from project.soa.assembler import LOG_FLOOR, SoAAssembler, Standardize, pad_jagg
 def reference_pad(
     offsets: np.ndarray, fields: list[np.ndarray], max_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Padding written as the obvious loop; row ``i`` owns ``fields[offsets[i]-offsets[0]:...]``."""
+    """Padding written as the obvious loop; row ``i`` owns ``fields[offsets[i]:offsets[i+1]]``."""
     batch = len(offsets) - 1
     values = np.zeros((batch, max_length, len(fields)), dtype=np.float32)
     mask = np.zeros((batch, max_length), dtype=bool)
-    base = offsets[0]
     for i in range(batch):
-        lo, hi = offsets[i] - base, offsets[i + 1] - base
+        lo, hi = offsets[i], offsets[i + 1]
         for j in range(min(hi - lo, max_length)):
             mask[i, j] = True
             for k, f in enumerate(fields):
@@ -88,7 +87,8 @@ def test_pad_jagged_all_rows_empty() -> None:
 
 @pytest.mark.parametrize("trial", range(4))
 def test_pad_jagged_slice_of_larger_offsets(trial: int) -> None:
-    """offsets[0] != 0: a slice of a larger offsets array, with the slice's objects as fields."""
+    """offsets[0] != 0: a slice of a larger offsets array with the whole field arrays (a
+    framework's view of a sub-range) equals the rows cut out."""
     rng = np.random.default_rng(100 + trial)
     max_length = 5
     big_offsets, big_fields = random_jagged(rng, 50, 9, 2)
@@ -96,20 +96,23 @@ def test_pad_jagged_slice_of_larger_offsets(trial: int) -> None:
     hi = int(rng.integers(lo + 1, 50))
     offsets = big_offsets[lo : hi + 1]
     assert offsets[0] > 0  # the case under test
-    fields = [f[offsets[0] : offsets[-1]] for f in big_fields]
-    values, mask = run_pad(offsets, fields, max_length)
-    ref_values, ref_mask = reference_pad(offsets, fields, max_length)
+    values, mask = run_pad(offsets, big_fields, max_length)
+    ref_values, ref_mask = reference_pad(offsets, big_fields, max_length)
     np.testing.assert_array_equal(mask, ref_mask)
     np.testing.assert_array_equal(values, ref_values)
-    # Same as padding the whole array and keeping the slice's rows.
+    # Same as padding the whole array and keeping the slice's rows, and as the rows cut out.
     all_values, all_mask = run_pad(big_offsets, big_fields, max_length)
     np.testing.assert_array_equal(values, all_values[lo:hi])
     np.testing.assert_array_equal(mask, all_mask[lo:hi])
+    cut = [f[offsets[0] : offsets[-1]] for f in big_fields]
+    cut_values, cut_mask = run_pad(offsets - offsets[0], cut, max_length)
+    np.testing.assert_array_equal(values, cut_values)
+    np.testing.assert_array_equal(mask, cut_mask)
 
 
 def test_slice_offsets_really_start_above_zero() -> None:
     offsets = np.array([0, 2, 5, 6], dtype=np.int64)[1:]  # [2, 5, 6]
-    x = np.array([10, 11, 12, 13], dtype=np.float32)  # the slice's objects (rows 1 and 2)
+    x = np.array([8, 9, 10, 11, 12, 13, 14], dtype=np.float32)  # the parent's objects
     values, mask = run_pad(offsets, [x], 4)
     np.testing.assert_array_equal(values[:, :, 0], [[10, 11, 12, 0], [13, 0, 0, 0]])
     np.testing.assert_array_equal(mask.sum(1), [3, 1])

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from project.fork import cli, create
-from project.fork.errors import ForkError
-from project.fork.examples import ExamplePlan, prune_literals
-from project.fork.imports import resort_imports
-from project.fork.metadata import rewrite_readme
-from project.fork.rename import Names, RenameCount, Renamer, find_leftovers
-from project.fork.repo import template_files
+from tools.new_analysis import cli, create
+from tools.new_analysis.errors import ForkError
+from tools.new_analysis.examples import ExamplePlan, prune_literals
+from tools.new_analysis.imports import resort_imports
+from tools.new_analysis.metadata import rewrite_readme
+from tools.new_analysis.rename import Names, RenameCount, Renamer, find_leftovers
+from tools.new_analysis.repo import template_files
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "new_analysis.py"

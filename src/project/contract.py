@@ -27,6 +27,10 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 2
+# The export manifest, the contract of an export directory: its JSON Schema ships beside this
+# module (and inside every export), read by the export that writes it and the loaders.
+MANIFEST_VERSION = 2
+MANIFEST_SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 TRANSFORMS = ("none", "log")
 # ``log`` takes the natural log of the value clamped at this floor (momenta, energies).
 LOG_FLOOR = 1e-6
@@ -35,12 +39,28 @@ OFFSETS_DTYPE = "int64"
 LOSSES = ("mse", "huber", "l1")
 # Symbolic dimensions of the deployed graph's inputs: plain identifiers, so that code
 # generators (SOFIE) and shape-inferring consumers can use them as variable names.
+DEFAULT_CLASSES = ("background", "signal")
 BATCH_DIM = "batch"
 OFFSETS_DIM = "batch_plus_1"  # = batch + 1
 
 
 class ContractError(ValueError):
     """A contract that is inconsistent, or data that does not satisfy it."""
+
+
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema of ``manifest.json`` (version ``MANIFEST_VERSION``)."""
+    return json.loads(MANIFEST_SCHEMA_FILE.read_text())
+
+
+# How jagged inputs are read, as the manifest states it for every consumer.
+OFFSETS_RULE = (
+    "Per jagged collection, <collection>_offsets has batch + 1 non-decreasing int64 entries that "
+    "index the field arrays: row i owns elements offsets[i] to offsets[i+1] - 1 of every "
+    "<collection>_<field>. Offsets may start at any k >= 0 and the field arrays may be longer "
+    "than offsets[-1] (a view of a sub-range of a larger collection gives the same answer as "
+    "those rows cut out); offsets[-1] must not exceed the fields' length."
+)
 
 
 def _check_name(name: str, what: str) -> None:
@@ -344,8 +364,8 @@ class InputContract:
     jagged
         Jagged collections, in order.
     classes
-        Class labels; label ``i`` in the data means ``classes[i]``. Empty for a model that
-        only regresses.
+        Class labels; label ``i`` in the data means ``classes[i]``. Empty (``[]``) for a model
+        that only regresses.
     outputs
         Output names: one per class (``prob_<class>`` by default), then one per regression
         target (its name). Given with only the class names, the targets are appended.
@@ -366,7 +386,7 @@ class InputContract:
 
     flat: tuple[Feature, ...] = ()
     jagged: tuple[JaggedCollection, ...] = ()
-    classes: tuple[str, ...] = ()
+    classes: tuple[str, ...] = DEFAULT_CLASSES
     outputs: tuple[str, ...] = field(default=())
     regression: tuple[Target, ...] = ()
     label: str | None = None
@@ -596,7 +616,7 @@ class InputContract:
         return cls(
             flat=tuple(Feature.from_dict(f) for f in d.get("flat") or ()),
             jagged=tuple(JaggedCollection.from_dict(c) for c in d.get("jagged") or ()),
-            classes=tuple(d.get("classes") or ()),
+            classes=tuple(d["classes"] or ()) if "classes" in d else DEFAULT_CLASSES,
             outputs=tuple(str(o) for o in d.get("outputs") or ()),
             regression=tuple(Target.from_dict(t) for t in d.get("regression") or ()),
             label=d.get("label"),

@@ -14,12 +14,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from project.contract import InputContract
+from project.contract import MANIFEST_SCHEMA_FILE, MANIFEST_VERSION, OFFSETS_RULE, InputContract
 from project.data.columnar import ColumnarData
 from project.data.sample import SAMPLE_FILE, read_sample
 from project.deploy import formats
 from project.deploy.graph import CheckpointError, LoadedCheckpoint, load_checkpoint
-from project.deploy.manifest import MANIFEST_VERSION, now_utc, provenance, validate_manifest
+from project.deploy.manifest import (
+    MANIFEST_FILE,
+    MANIFEST_HASH_FILE,
+    SCHEMA_FILE,
+    now_utc,
+    provenance,
+    validate_manifest,
+)
 from project.deploy.parity import (
     ParityResult,
     Tolerance,
@@ -30,7 +37,7 @@ from project.deploy.parity import (
     format_table,
 )
 from project.inference.backends import FORMATS
-from project.utils import atomic_write_text, sha256_file
+from project.utils import atomic_write_text, follow_umask, sha256_file
 
 FILES = {
     "torchscript": "model{suffix}.ts",
@@ -147,6 +154,7 @@ def _export_one(
 
 def _publish(tmp_dir: Path, target: Path, overwrite: bool) -> None:
     """Move the finished export into place; the old one (if allowed) goes only after."""
+    follow_umask(tmp_dir, directory=True)  # mkdtemp made it private while it was written
     old = None
     if target.exists():
         if not overwrite:
@@ -259,7 +267,7 @@ def _export_into(
         if (tmp_dir / entry["file"]).is_file():
             entry["sha256"] = sha256_file(tmp_dir / entry["file"])
             entry["bytes"] = (tmp_dir / entry["file"]).stat().st_size
-        entry["dynamic_dims"] = formats.dim_names(contract)
+        entry["dynamic_dims"] = contract.input_dims
     table = format_table(results)
     print(table)
     failures = format_failures(results)
@@ -267,19 +275,14 @@ def _export_into(
         print(failures)
 
     golden = rows.take(np.arange(min(int(cfg.golden_rows), len(rows))))
-    golden_in = {n: np.ascontiguousarray(a) for n, a in golden.to_soa(contract).items()}
-    with torch.inference_mode():
-        golden_out = loaded.graph(*(torch.from_numpy(golden_in[n]) for n in contract.input_names))
-    np.savez(
-        tmp_dir / "golden.npz",
-        **golden_in,
-        **{o: t.numpy() for o, t in zip(contract.outputs, golden_out, strict=True)},
-        **({} if golden.labels is None else {"labels": golden.labels}),
-    )
+    golden_arrays = golden_set(loaded, golden)
+    np.savez(tmp_dir / "golden.npz", **{k: a for k, (_, a) in golden_arrays.items()})
 
     all_passed = all(e["passed"] for e in artifacts)
     any_passed = any(e["passed"] for e in artifacts)
     published = [e for e in artifacts if "sha256" in e]
+    dims = contract.input_dims
+    exprs = contract.input_exprs
     manifest = {
         "schema_version": MANIFEST_VERSION,
         "name": name,
@@ -288,10 +291,12 @@ def _export_into(
         "inputs": [
             {
                 "name": n,
+                "position": i,
                 "dtype": contract.input_dtypes[n],
-                "shape": [formats.dim_names(contract)[n]],
+                "shape": [dims[n]],
+                "expr": exprs[n],
             }
-            for n in contract.input_names
+            for i, n in enumerate(contract.input_names)
         ],
         "outputs": [
             {
@@ -302,6 +307,9 @@ def _export_into(
             }
             for o in contract.outputs
         ],
+        "dims": dim_meanings(contract),
+        "offsets_rule": OFFSETS_RULE,
+        "tolerance": {f: dict(cfg.parity.tolerance[f]) for f in cfg.formats},
         "artifacts": published,
         "parity": {
             "passed": all_passed,
@@ -314,6 +322,10 @@ def _export_into(
             "file": "golden.npz",
             "sha256": sha256_file(tmp_dir / "golden.npz"),
             "rows": len(golden),
+            "arrays": {
+                k: {"role": role, "dtype": str(a.dtype), "shape": list(a.shape)}
+                for k, (role, a) in golden_arrays.items()
+            },
         },
         "source": {
             "run_dir": str(run_dir.resolve()),
@@ -327,7 +339,10 @@ def _export_into(
     }
     manifest["provenance"]["cpu_isa"] = formats.cpu_isa()
     validate_manifest(manifest)
-    atomic_write_text(tmp_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write_text(tmp_dir / MANIFEST_FILE, text)
+    atomic_write_text(tmp_dir / MANIFEST_HASH_FILE, sha256_file(tmp_dir / MANIFEST_FILE) + "\n")
+    shutil.copyfile(MANIFEST_SCHEMA_FILE, tmp_dir / SCHEMA_FILE)
 
     if not all_passed and not (cfg.allow_partial and any_passed):
         failed = ", ".join(f"{e['format']}/{e['device']}" for e in artifacts if not e["passed"])
@@ -339,6 +354,33 @@ def _export_into(
     _publish(tmp_dir, target, bool(cfg.overwrite))
     print(f"published {target}")
     return ExportResult(target, manifest, results)
+
+
+def golden_set(loaded: LoadedCheckpoint, rows: ColumnarData) -> dict[str, tuple[str, np.ndarray]]:
+    """The golden arrays by name, each with its role: the raw inputs, the eager graph's
+    outputs, and the rows' truth (labels, regression targets) where they have it."""
+    contract = loaded.contract
+    inputs = {n: np.ascontiguousarray(a) for n, a in rows.to_soa(contract).items()}
+    with torch.inference_mode():
+        outputs = loaded.graph(*(torch.from_numpy(inputs[n]) for n in contract.input_names))
+    arrays = {n: ("input", a) for n, a in inputs.items()}
+    arrays.update({o: ("output", t.numpy()) for o, t in zip(contract.outputs, outputs, strict=True)})
+    if rows.labels is not None:
+        arrays["labels"] = ("label", rows.labels)
+    for target in contract.regression:
+        arrays[f"true_{target.name}"] = ("target", rows.targets[target.name])
+    return arrays
+
+
+def dim_meanings(contract: InputContract) -> dict[str, str]:
+    """What each symbolic dimension of the inputs and outputs means."""
+    dims = {"batch": "rows in the call"} if contract.flat or contract.jagged else {}
+    for coll in contract.jagged:
+        dims["batch_plus_1"] = "batch + 1 (a collection's offsets)"
+        dims[f"n_{coll.name}"] = (
+            f"length of the {coll.name} field arrays (>= {coll.offsets_name}[-1])"
+        )
+    return dims
 
 
 def _default_name(run_dir: Path, loaded: LoadedCheckpoint) -> str:

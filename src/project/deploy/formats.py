@@ -21,15 +21,6 @@ class ExportError(RuntimeError):
     """An exporter failed or produced an artifact without the promised properties."""
 
 
-def dim_names(contract: InputContract) -> dict[str, str]:
-    """Symbolic first dimension of every input: ``batch``, ``batch + 1`` or ``n_<collection>``."""
-    names = dict.fromkeys(contract.flat_names, "batch")
-    for coll in contract.jagged:
-        names[coll.offsets_name] = "batch + 1"
-        names.update(dict.fromkeys(coll.field_input_names, f"n_{coll.name}"))
-    return names
-
-
 def dynamic_shapes(contract: InputContract) -> tuple[tuple[dict[int, Any], ...]]:
     """``torch.export`` dynamic shapes for ``DeployGraph.forward(*inputs)``."""
     batch = Dim("batch", min=1)

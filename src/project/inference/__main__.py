@@ -2,6 +2,6 @@
 
 import sys
 
-from project.inference.cli import main
+from project.predict.cli import main
 
 sys.exit(main())

@@ -9,7 +9,10 @@ data, no ``.item()``, no host synchronisation; it exports to TorchScript, ``torc
 Inputs, per DESIGN.md:
 - one ``(batch,)`` float32 tensor per flat column;
 - per jagged collection, ``offsets`` ``(batch + 1,)`` int64 and one ``(n_total,)`` float32 tensor
-  per field, where ``n_total = offsets[-1] - offsets[0]`` objects belong to the batch.
+  per field. Row ``i`` owns the field elements ``offsets[i]:offsets[i+1]``: offsets index the
+  field arrays, so they may start at any ``k >= 0`` and the fields may be longer than
+  ``offsets[-1]`` (a framework's view of a sub-range of its collection gives the same answer
+  as the rows cut out).
 
 Outputs:
 - ``flat``: ``(batch, n_flat)`` standardised features;
@@ -57,10 +60,11 @@ def pad_jagged(offsets: Tensor, fields: list[Tensor], max_length: int) -> tuple[
     Parameters
     ----------
     offsets
-        ``(batch + 1,)`` int64; row ``i`` owns objects ``offsets[i]:offsets[i+1]`` of ``fields``
-        minus ``offsets[0]`` (so a slice of a larger offsets array works as it is).
+        ``(batch + 1,)`` int64, non-decreasing; row ``i`` owns elements
+        ``offsets[i]:offsets[i+1]`` of ``fields`` (a slice of a larger offsets array, with the
+        whole field arrays, works as it is).
     fields
-        ``n_fields`` tensors of shape ``(n_total,)``.
+        ``n_fields`` tensors of shape ``(n_total,)``, ``n_total >= offsets[-1]``.
     max_length
         Objects kept per row (the first ones in stored order).
 
@@ -72,7 +76,7 @@ def pad_jagged(offsets: Tensor, fields: list[Tensor], max_length: int) -> tuple[
     # A zero row in front: masked positions point at it (index 0), and a batch with no
     # objects at all (n_total == 0) still has something to gather from.
     stacked = torch.cat([stacked.new_zeros(1, stacked.shape[-1]), stacked], dim=0)
-    starts = offsets[:-1] - offsets[0] + 1
+    starts = offsets[:-1] + 1
     counts = offsets[1:] - offsets[:-1]
     positions = torch.arange(max_length, device=offsets.device, dtype=offsets.dtype)
     mask = positions.unsqueeze(0) < counts.unsqueeze(1)  # (batch, max_length)

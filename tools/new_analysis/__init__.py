@@ -8,7 +8,7 @@ README; ``repo`` lists the tracked files and makes the first commit; ``names`` v
 ``cli`` asks and reports. See ``docs/new-analysis.md``.
 """
 
-from project.fork.create import AnalysisReport, AnalysisSpec, create_analysis
-from project.fork.errors import ForkError
+from tools.new_analysis.create import AnalysisReport, AnalysisSpec, create_analysis
+from tools.new_analysis.errors import ForkError
 
 __all__ = ["AnalysisReport", "AnalysisSpec", "ForkError", "create_analysis"]

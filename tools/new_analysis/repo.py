@@ -6,8 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from project.fork.errors import ForkError
-from project.fork.names import Author
+from tools.new_analysis.errors import ForkError
+from tools.new_analysis.names import Author
 
 
 def git(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:

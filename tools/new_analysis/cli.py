@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from project.fork import examples
-from project.fork.create import AnalysisReport, AnalysisSpec, create_analysis
-from project.fork.errors import ForkError
-from project.fork.names import (
+from tools.new_analysis import examples
+from tools.new_analysis.create import AnalysisReport, AnalysisSpec, create_analysis
+from tools.new_analysis.errors import ForkError
+from tools.new_analysis.names import (
     check_distribution,
     check_package,
     check_title,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from project.fork.errors import ForkError
-from project.fork.names import Author
+from tools.new_analysis.errors import ForkError
+from tools.new_analysis.names import Author
 
 _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 START_SECTION = "Start a new analysis"

@@ -13,18 +13,18 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from project.fork import examples, metadata
-from project.fork.errors import ForkError
-from project.fork.imports import resort_imports
-from project.fork.names import (
+from tools.new_analysis import examples, metadata
+from tools.new_analysis.errors import ForkError
+from tools.new_analysis.imports import resort_imports
+from tools.new_analysis.names import (
     TEMPLATE_DISTRIBUTION,
     Author,
     check_distribution,
     check_package,
     check_title,
 )
-from project.fork.rename import Names, RenameCount, Renamer, find_leftovers
-from project.fork.repo import commit_all, git, template_files, template_origin
+from tools.new_analysis.rename import Names, RenameCount, Renamer, find_leftovers
+from tools.new_analysis.repo import commit_all, git, template_files, template_origin
 
 # Run outputs and environments: never part of a new analysis, even if force-added to git.
 _NEVER_COPIED = (".venv/", "logs/", "data/", "outputs/", "multirun/", "build/", ".git/")

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from project.fork.errors import ForkError
+from tools.new_analysis.errors import ForkError
 
 GROUPS = ("data", "model")
 # Examples a new analysis always keeps, and why: the fast tests and `make demo` run on them.

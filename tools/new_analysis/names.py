@@ -11,7 +11,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from project.fork.errors import ForkError
+from tools.new_analysis.errors import ForkError
 
 TEMPLATE_PACKAGE = "project"
 TEMPLATE_DISTRIBUTION = "hep-ml-template"
