@@ -9,7 +9,9 @@ optimiser, batch size, precision and data, for a fixed number of steps after a w
     in CUDA graphs, as they do by default (``model.cuda_graphs=false`` turns them off);
 (b) ``handwritten``: a minimal PyTorch loop over GPU-resident (or host) tensors that were
     assembled once, sliced by a device-side permutation, eager (``--loop-graphs`` captures
-    its forward and backward too, for a like-for-like comparison of the plumbing alone).
+    its forward and backward too, for a like-for-like comparison of the plumbing alone). It
+    builds the same ``DeployableModel`` and takes the template's loss
+    (``project.training.module.loss_terms``), so only the plumbing differs.
 
 Throughput is rows per second over the timed steps, summed over all devices.
 """
@@ -27,11 +29,11 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+# tools/benchmarks/training.py -> the checkout's configs/
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 class StepTimer(L.Callback):
@@ -41,6 +43,11 @@ class StepTimer(L.Callback):
         self.warmup = warmup
         self.start: float | None = None
         self.seconds = 0.0
+        self.resident = False  # whether the training split lives on the training device
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Note where the training batches are formed (the loader's columns' device)."""
+        self.resident = trainer.train_dataloader.tensors.device.type != "cpu"
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -107,7 +114,7 @@ def run_template(cfg: DictConfig, warmup: int, steps: int) -> dict[str, Any]:
         "rows_per_s": rows / timer.seconds if timer.seconds else float("nan"),
         "world_size": trainer.world_size,
         "is_global_zero": trainer.is_global_zero,
-        "resident": datamodule._tensors["train"].device.type != "cpu",
+        "resident": timer.resident,
         "graph_steps": model.cuda_graph_steps,
     }
 
@@ -128,28 +135,36 @@ class _NetColumns(torch.nn.Module):
 def run_handwritten(
     cfg: DictConfig, warmup: int, steps: int, device: str, graphs: bool = False
 ) -> dict[str, Any]:
-    """The same network, optimiser and data in a minimal loop over pre-assembled tensors
-    (with ``graphs``, its forward and backward captured in CUDA graphs)."""
+    """The same network, optimiser, loss and data in a minimal loop over pre-assembled
+    tensors (with ``graphs``, its forward and backward captured in CUDA graphs)."""
+    from project.data.batching import LABEL, TARGETS, WEIGHT, SoATensors
+    from project.soa.deployable import build_model
     from project.training.graphs import GraphedForward
-    from project.training.module import build_classifier
+    from project.training.module import loss_terms
 
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     contract = datamodule.contract
-    model = build_classifier(contract, dict(cfg.model.net))
-    train = datamodule._tensors["train"]
+    model = build_model(contract, dict(cfg.model.net))
+    train = SoATensors(datamodule.splits["train"], contract)
     with torch.no_grad():  # assemble every row once (on the host), then only slice
         full = train.batch(torch.arange(train.n_rows), fixed_size=False)
         flat, jagged, masks = model.assembler([full[n] for n in contract.input_names])
     model = model.to(device)
-    flat, labels = flat.to(device), full["label"].to(device)
-    jagged, masks = [j.to(device) for j in jagged], [m.to(device) for m in masks]
+    flat, jagged, masks = (
+        flat.to(device),
+        [j.to(device) for j in jagged],
+        [m.to(device) for m in masks],
+    )
+    truth = {k: full[k].to(device) for k in (LABEL, WEIGHT, TARGETS) if k in full}
     optimizer = hydra.utils.instantiate(cfg.model.optimizer)(params=model.net.parameters())
     amp = cfg.trainer.precision == "bf16-mixed"
+    smoothing = float(cfg.model.get("label_smoothing", 0.0))
     batch = int(cfg.data.batch_size)
-    # Compiled like the template's network when --compile is given, so the ratio compares
-    # the plumbing and not the compiler.
-    net = torch.compile(model.net) if cfg.model.compile else model.net
+    # Compiled in place like the template's model when --compile is given, so the ratio
+    # compares the plumbing and not the compiler.
+    if cfg.model.compile:
+        model.net.compile()
     order = torch.randperm(train.n_rows, device=device)
     position = 0
     # Captured on the first warm-up step by the template's own capture code.
@@ -164,12 +179,15 @@ def run_handwritten(
         with torch.autocast(
             device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp
         ):
-            logits = None
+            head = None
             if graphed is not None:
-                logits = graphed([flat[idx], *(j[idx] for j in jagged), *(m[idx] for m in masks)])
-            if logits is None:
-                logits = net(flat[idx], [j[idx] for j in jagged], [m[idx] for m in masks])
-            loss = F.cross_entropy(logits.float(), labels[idx])
+                head = graphed([flat[idx], *(j[idx] for j in jagged), *(m[idx] for m in masks)])
+            if head is None:
+                head = model.net(flat[idx], [j[idx] for j in jagged], [m[idx] for m in masks])
+            rows = {k: v[idx] for k, v in truth.items()}
+            loss = loss_terms(
+                head, rows, contract, model.target_mean, model.target_scale, smoothing
+            )["total"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
