@@ -1,9 +1,15 @@
-"""Shared fixtures: the real Hydra configs, composed and shrunk for fast CPU runs."""
+"""Shared fixtures: the real Hydra configs, composed and shrunk for fast CPU runs.
+
+Tests reach everything here through fixtures (``repo_root``, ``fast_overrides``,
+``compose_train``, ``compose_export``, ``trained_run``, ``exported``); a test parametrised over
+every model config asks for ``each_model``.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +29,12 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``each_model``: one test per model config (configs/model/*.yaml)."""
+    if "each_model" in metafunc.fixturenames:
+        metafunc.parametrize("each_model", MODELS)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked ``gpu`` where no CUDA device exists."""
     if has_cuda():
@@ -33,7 +45,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
+def _compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
     """Compose ``configs/train.yaml`` with ``overrides``, writing everything under ``tmp_path``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
@@ -57,13 +69,44 @@ FAST = [
 ]
 
 
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository's root directory."""
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``: the real ROOT files the tests read."""
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def fast_overrides() -> list[str]:
+    """Overrides that shrink the training config to toy data and one quiet CPU epoch."""
+    return list(FAST)
+
+
+@pytest.fixture(scope="session")
+def compose_train():
+    """``compose_train(overrides, tmp_path) -> cfg``: ``configs/train.yaml`` composed with
+    ``overrides``, every output under ``tmp_path``."""
+    return _compose_train
+
+
+@pytest.fixture(scope="session")
+def compose_export():
+    """``compose_export(overrides) -> cfg``: ``configs/export.yaml`` composed."""
+    return _compose_export
+
+
 @pytest.fixture
 def train_cfg(tmp_path: Path) -> DictConfig:
     """The real training config on toy data, one CPU epoch."""
-    return compose_train(FAST, tmp_path)
+    return _compose_train(FAST, tmp_path)
 
 
-def compose_export(overrides: list[str]) -> DictConfig:
+def _compose_export(overrides: list[str]) -> DictConfig:
     """Compose ``configs/export.yaml`` with ``overrides``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
@@ -87,7 +130,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory):
         if model not in cache:
             tmp = tmp_path_factory.mktemp(f"run-{model}")
             overrides = [*FAST, f"model={model}", "trainer.max_epochs=2", "data.source.n_jets=600"]
-            cfg = compose_train(overrides, tmp)
+            cfg = _compose_train(overrides, tmp)
             train(cfg)
             cache[model] = Path(cfg.paths.output_dir)
         return cache[model]
@@ -106,7 +149,7 @@ def exported(trained_run, tmp_path_factory: pytest.TempPathFactory):
 
     def get(model: str) -> Path:
         if model not in cache:
-            cfg = compose_export(
+            cfg = _compose_export(
                 [
                     f"run_dir={trained_run(model)}",
                     f"output_dir={out}",
@@ -118,3 +161,62 @@ def exported(trained_run, tmp_path_factory: pytest.TempPathFactory):
         return cache[model]
 
     return get
+
+
+def _contract_of(
+    flat: Any = None,
+    jagged: Any = None,
+    label: str | None = None,
+    selection: str | None = None,
+    per_object: str | None = None,
+    max_length: int = 8,
+) -> Any:
+    """A contract from source-style declarations: ``flat`` a list of column names or a mapping
+    name -> expression, ``jagged`` a mapping collection -> list of field names (stored as
+    ``<collection>_<field>``) or mapping field -> expression."""
+    from project.contract import Feature, InputContract, JaggedCollection
+
+    def features(decl: Any) -> tuple:
+        if isinstance(decl, dict):
+            return tuple(Feature(n, expr=str(e)) for n, e in decl.items())
+        return tuple(Feature(n) for n in decl or ())
+
+    collections = tuple(
+        JaggedCollection(c, max_length, features(fields)) for c, fields in (jagged or {}).items()
+    )
+    return InputContract(
+        flat=features(flat),
+        jagged=collections,
+        classes=("c0", "c1"),
+        label=label,
+        selection=selection,
+        per_object=per_object,
+    )
+
+
+def _read_table(source: Any, labels: bool | None = None, **declarations: Any) -> Any:
+    """Read ``source`` into a ``ColumnarData`` through a contract made by ``_contract_of``
+    (``labels`` defaults to whether a label is declared)."""
+    from project.data.expressions import TableSpec
+    from project.data.sources import load
+
+    spec_args = {
+        k: declarations.pop(k) for k in ("weight", "nan_policy", "ids") if k in declarations
+    }
+    contract = _contract_of(**declarations)
+    use_labels = declarations.get("label") is not None if labels is None else labels
+    return load(source, TableSpec(contract, labels=use_labels, **spec_args))
+
+
+@pytest.fixture(scope="session")
+def contract_of():
+    """``contract_of(flat=..., jagged=..., label=..., selection=..., per_object=...)``: a
+    two-class contract from source-style declarations (see ``_contract_of``)."""
+    return _contract_of
+
+
+@pytest.fixture(scope="session")
+def read_table():
+    """``read_table(source, flat=..., jagged=..., label=..., ...)``: the source's table built
+    through such a contract (see ``_read_table``)."""
+    return _read_table

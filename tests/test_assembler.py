@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from project.contract import LOG_FLOOR, Feature, InputContract, JaggedCollection
-from project.soa.assembler import LOG_FLOOR, SoAAssembler, Standardize, pad_jagged
+from project.soa.assembler import SoAAssembler, Standardize, pad_jagged
 
 
 def reference_pad(

@@ -9,12 +9,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from project.contract import LOG_FLOOR, ContractError, Feature, InputContract, JaggedCollection
 from project.data.batching import EpochSampler, SoABatchLoader, SoATensors
 from project.data.columnar import ColumnarData, Jagged
-from project.contract import ContractError, Feature, InputContract, JaggedCollection
 from project.data.datamodule import SoADataModule, check_labels, fit_standardizer, split_rows
+from project.data.sources import load
 from project.data.sources.toy import ToyJetSource
-from project.contract import LOG_FLOOR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,18 +215,9 @@ def test_check_labels_errors() -> None:
         check_labels(data, SMALL_CONTRACT)
 
 
-class _TableSource:
-    def __init__(self, data: ColumnarData) -> None:
-        self.data = data
-
-    def load(self) -> ColumnarData:
-        return self.data
-
-
 def test_datamodule_refuses_bad_labels() -> None:
-    data = ToyJetSource(n_jets=64, seed=0).load()
-    data.labels[10] = 5
-    dm = SoADataModule(_TableSource(data), jets_contract(), seed=0)
+    contract = {**jets_contract(), "label": "where(jet_pt > 640, 5, label)"}
+    dm = SoADataModule(ToyJetSource(n_jets=64, seed=0), contract, seed=0)
     with pytest.raises(
         ContractError, match=r"labels \[5\] are outside 0..1 for classes \['qcd', 'top'\]"
     ):
@@ -278,7 +269,7 @@ def test_datamodule_fits_on_train_split_only() -> None:
     assert contract is not None
     assert contract.fitted
     train = dm.splits["train"]
-    full = ToyJetSource(n_jets=400, seed=11).load()
+    full = load(ToyJetSource(n_jets=400, seed=11), dm.table_spec())
     for feat in contract.flat:
         x = train.flat[feat.name].astype(np.float64)
         if feat.transform == "log":

@@ -22,16 +22,17 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from project.training.cluster import slurm_plugins
-from tests.conftest import CONFIG_DIR, FAST, ROOT, compose_train
 
 SLURM_FLAGS = ["trainer=slurm", "trainer.num_nodes=2", "trainer.devices=4"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_with_hydra(overrides: list[str], tmp_path: Path) -> DictConfig:
     """The training config with its ``hydra`` node (launcher and sweeper), writing under
     ``tmp_path``."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
         cfg = compose(
             config_name="train",
             overrides=[*overrides, f"paths.log_dir={tmp_path}"],
@@ -134,7 +135,11 @@ def test_slurm_submission_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 # --- SLURM: what Lightning makes of the srun task ---------------------------------------------
 def test_trainer_reads_ranks_from_slurm(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_rank_zero
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_rank_zero,
+    fast_overrides,
+    compose_train,
 ) -> None:
     """Task 5 of 2 nodes x 4 tasks: node 1, local rank 1, with the auto-requeue plugin."""
     for key, value in {
@@ -153,7 +158,7 @@ def test_trainer_reads_ranks_from_slurm(
     # Unset, so Lightning derives it from the node list; its own setting is undone afterwards.
     monkeypatch.setenv("MASTER_ADDR", "")
     monkeypatch.delenv("MASTER_ADDR")
-    cfg = compose_train([*FAST, *SLURM_FLAGS, "trainer.accelerator=cpu"], tmp_path)
+    cfg = compose_train([*fast_overrides, *SLURM_FLAGS, "trainer.accelerator=cpu"], tmp_path)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False)
     env = trainer.strategy.cluster_environment
     assert isinstance(env, SLURMEnvironment)
@@ -167,12 +172,16 @@ def test_trainer_reads_ranks_from_slurm(
 
 
 def test_slurm_trainer_outside_slurm(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_rank_zero
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_rank_zero,
+    fast_overrides,
+    compose_train,
 ) -> None:
     for key in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
         monkeypatch.delenv(key, raising=False)
     cfg = compose_train(
-        [*FAST, "trainer=slurm", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path
+        [*fast_overrides, "trainer=slurm", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path
     )
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False)
     assert not isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
@@ -199,7 +208,7 @@ exit $rc
 """
 
 
-def test_sbatch_script_two_tasks(tmp_path: Path) -> None:
+def test_sbatch_script_two_tasks(tmp_path: Path, fast_overrides) -> None:
     """scripts/slurm/train.sbatch as SLURM would run it for one node with two tasks: both
     tasks train one model as ranks of SLURMEnvironment, in one run directory."""
     fake_bin = tmp_path / "bin"
@@ -227,7 +236,7 @@ def test_sbatch_script_two_tasks(tmp_path: Path) -> None:
         [
             "bash",
             "scripts/slurm/train.sbatch",
-            *FAST,
+            *fast_overrides,
             "trainer.accelerator=cpu",
             *cli_paths(tmp_path / "logs"),
         ],
@@ -249,8 +258,8 @@ def test_sbatch_script_two_tasks(tmp_path: Path) -> None:
 
 
 # --- submitit's local executor: the launcher's code path without a cluster --------------------
-def test_submitit_local_multirun(tmp_path: Path) -> None:
-    result = run_train(["-m", "hydra/launcher=local", *FAST], tmp_path)
+def test_submitit_local_multirun(tmp_path: Path, fast_overrides) -> None:
+    result = run_train(["-m", "hydra/launcher=local", *fast_overrides], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     sweep_dir = only_child(tmp_path / "train" / "multiruns")
     job_dir = sweep_dir / "0"
@@ -270,7 +279,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_torchrun_two_nodes(tmp_path: Path) -> None:
+def test_torchrun_two_nodes(tmp_path: Path, fast_overrides) -> None:
     """One model trained by two torchrun "nodes" of one CPU process each, in one run directory.
 
     Every node runs Hydra, and the default run directory holds the start time: both get the
@@ -290,7 +299,7 @@ def test_torchrun_two_nodes(tmp_path: Path) -> None:
             f"--master-port={port}",
         ]
         args = [
-            *FAST,
+            *fast_overrides,
             "trainer.num_nodes=2",
             "trainer.devices=1",
             "trainer.strategy=ddp",
@@ -334,9 +343,9 @@ def test_torchrun_two_nodes(tmp_path: Path) -> None:
 
 
 # --- Optuna sweep -----------------------------------------------------------------------------
-def test_optuna_sweep_two_trials(tmp_path: Path) -> None:
+def test_optuna_sweep_two_trials(tmp_path: Path, fast_overrides) -> None:
     result = run_train(
-        ["-m", "hparams_search=mlp_optuna", "hydra.sweeper.n_trials=2", *FAST], tmp_path
+        ["-m", "hparams_search=mlp_optuna", "hydra.sweeper.n_trials=2", *fast_overrides], tmp_path
     )
     assert result.returncode == 0, result.stderr[-4000:]
     sweep_dir = only_child(tmp_path / "train" / "multiruns")

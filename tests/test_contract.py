@@ -48,7 +48,9 @@ def test_dict_round_trip_keeps_everything() -> None:
     back = InputContract.from_dict(d)
     assert back == contract
     assert back.fitted
-    assert back.jagged[0].fields[1] == Feature("pt", "log", 2.5, 1.5)
+    # Each field's source expression is written out: <collection>_<field> by default.
+    assert back.jagged[0].fields[1] == Feature("pt", "log", 2.5, 1.5, expr="part_pt")
+    assert d["flat"][0]["expr"] == "jet_pt"
     assert back.outputs == ("prob_qcd", "prob_top", "prob_w")
     # A plain dict survives json (what checkpoints and manifests hold) unchanged.
     assert json.loads(json.dumps(d)) == d
@@ -70,7 +72,7 @@ def test_unfitted_round_trip_and_bare_names() -> None:
     contract = InputContract.from_dict(
         {"flat": ["a", {"name": "b", "transform": "log"}], "classes": ["x", "y"]}
     )
-    assert contract.flat == (Feature("a"), Feature("b", "log"))
+    assert contract.flat == (Feature("a", expr="a"), Feature("b", "log", expr="b"))
     assert not contract.fitted
     assert InputContract.from_json(contract.to_json()) == contract
     assert InputContract.from_dict(contract) is contract
@@ -118,7 +120,7 @@ def test_input_names_and_dtypes_order() -> None:
         "n_flat": 2,
         "n_fields": [2, 1],
         "max_lengths": [16, 4],
-        "n_classes": 3,
+        "n_outputs": 3,
     }
 
 

@@ -12,9 +12,10 @@ import yaml
 from project.data.datamodule import SoADataModule
 from project.data.sources.toy import ToyJetSource
 from project.soa.assembler import SoAAssembler
-from tests.conftest import FAST, ROOT, compose_export, compose_train
 
 pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _contract() -> dict:
@@ -39,11 +40,13 @@ def test_resident_batches_assemble_like_host_batches() -> None:
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_training_on_gpu_with_resident_data(tmp_path: Path, precision: str) -> None:
+def test_training_on_gpu_with_resident_data(
+    tmp_path: Path, precision: str, fast_overrides, compose_train
+) -> None:
     from project.training.run import train
 
     cfg = compose_train(
-        [*FAST, "trainer=gpu", "model=transformer", "trainer.max_epochs=2", "data.resident=true",
+        [*fast_overrides, "trainer=gpu", "model=transformer", "trainer.max_epochs=2", "data.resident=true",
          f"trainer.precision={precision}"],
         tmp_path,
     )  # fmt: skip
@@ -55,7 +58,7 @@ def test_training_on_gpu_with_resident_data(tmp_path: Path, precision: str) -> N
     assert summary["cuda_graph_steps"] >= summary["global_step"] - 2 > 0
 
 
-def test_cuda_graphs_train_like_eager(tmp_path: Path) -> None:
+def test_cuda_graphs_train_like_eager(tmp_path: Path, fast_overrides, compose_train) -> None:
     """From the same weights, on the same batches, graphed and eager training end equal."""
     import copy
 
@@ -63,7 +66,13 @@ def test_cuda_graphs_train_like_eager(tmp_path: Path) -> None:
     import lightning as L
 
     cfg = compose_train(
-        [*FAST, "trainer=gpu", "model=mlp", "model.net.dropout=0.0", "data.resident=true"],
+        [
+            *fast_overrides,
+            "trainer=gpu",
+            "model=mlp",
+            "model.net.dropout=0.0",
+            "data.resident=true",
+        ],
         tmp_path,
     )
     final, replayed = {}, {}
@@ -95,11 +104,13 @@ def test_cuda_graphs_train_like_eager(tmp_path: Path) -> None:
     assert moved
 
 
-def test_cuda_artifacts_are_exported_and_checked(tmp_path: Path) -> None:
+def test_cuda_artifacts_are_exported_and_checked(
+    tmp_path: Path, fast_overrides, compose_train, compose_export
+) -> None:
     from project.deploy.export import run_export
     from project.training.run import train
 
-    cfg = compose_train([*FAST, "model=deepsets", "trainer.max_epochs=1"], tmp_path)
+    cfg = compose_train([*fast_overrides, "model=deepsets", "trainer.max_epochs=1"], tmp_path)
     train(cfg)
     export = compose_export(
         [f"run_dir={cfg.paths.output_dir}", f"output_dir={tmp_path / 'exported'}", "name=gpu",

@@ -7,11 +7,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from project.contract import Feature, InputContract, JaggedCollection
+from project.contract import LOG_FLOOR, Feature, InputContract, JaggedCollection
 from project.models import MLP, DeepSets, ParticleTransformer
-from project.contract import LOG_FLOOR
 from project.soa.assembler import pad_jagged
-from project.training.module import DeployableClassifier, build_classifier
+from project.soa.deployable import DeployableModel, build_model
 
 MAX_LENGTH = 8
 
@@ -57,9 +56,9 @@ def make_contract(n_classes: int = 2) -> InputContract:
     )
 
 
-def build(name: str, n_classes: int = 2) -> DeployableClassifier:
+def build(name: str, n_classes: int = 2) -> DeployableModel:
     torch.manual_seed(0)
-    return build_classifier(make_contract(n_classes), NETS[name]).eval()
+    return build_model(make_contract(n_classes), NETS[name]).eval()
 
 
 def random_soa(seed: int, n_rows: int = 12, max_count: int = MAX_LENGTH) -> list[Tensor]:
@@ -88,12 +87,12 @@ def random_soa(seed: int, n_rows: int = 12, max_count: int = MAX_LENGTH) -> list
     ]
 
 
-def assemble(model: DeployableClassifier, inputs: list[Tensor]):
+def assemble(model: DeployableModel, inputs: list[Tensor]):
     with torch.no_grad():
         return model.assembler(inputs)
 
 
-def logits(model: DeployableClassifier, flat: Tensor, padded: Tensor, mask: Tensor) -> Tensor:
+def logits(model: DeployableModel, flat: Tensor, padded: Tensor, mask: Tensor) -> Tensor:
     with torch.no_grad():
         return model.net(flat, [padded], [mask])
 
@@ -229,13 +228,16 @@ def test_row_result_independent_of_batch_neighbours() -> None:
                 lo, hi = int(offsets[row]), int(offsets[row + 1])
                 single = [
                     *(x[row : row + 1] for x in inputs[:3]),
-                    offsets[row : row + 2],  # a slice: offsets[0] != 0
+                    offsets[row : row + 2] - lo,  # the row cut out
                     *(f[lo:hi] for f in inputs[4:]),
                 ]
                 torch.testing.assert_close(model(single), full[row : row + 1], rtol=0, atol=1e-5)
+                # A view: the same row's offsets into the whole field arrays.
+                view = [*single[:3], offsets[row : row + 2], *inputs[4:]]
+                torch.testing.assert_close(model(view), full[row : row + 1], rtol=0, atol=1e-5)
 
 
-# --- DeployableClassifier ------------------------------------------------------------------
+# --- DeployableModel ------------------------------------------------------------------
 def manual_assembly(contract: InputContract, inputs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Standardise and pad with numpy and Python loops, independently of the assembler."""
 

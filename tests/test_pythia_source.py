@@ -9,19 +9,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from project.contract import ContractError, Feature, InputContract, JaggedCollection
 from project.data.columnar import ColumnarData
-from project.data.sources import jets as jets_mod
-from project.data.sources._nsubjettiness import nsubjettiness
-from project.data.sources.jets import (
-    FLAT_COLUMNS,
-    PART_FIELDS,
-    PythiaJetSource,
-    read_jets_parquet,
-    write_jets_parquet,
-)
+from project.data.expressions import TableSpec
+from project.data.sources import load
+from project.data.sources import pythia as jets_mod
+from project.data.sources.nsubjettiness import nsubjettiness
+from project.data.sources.parquet import ParquetSource
+from project.data.sources.pythia import CLASSES, FLAT_COLUMNS, PART_FIELDS, PythiaJetSource
+from project.data.writing import arrow_table, write_parquet
 
+# Every stored column of the cache, as a contract reads it.
+EVERYTHING = InputContract(
+    flat=tuple(Feature(c) for c in FLAT_COLUMNS),
+    jagged=(JaggedCollection("part", 64, tuple(Feature(f) for f in PART_FIELDS)),),
+    classes=CLASSES,
+)
 SMALL = {"n_jets": 100, "seed": 3, "chunk_size": 25, "progress": False}
 TINY = {"n_jets": 40, "chunk_size": 10, "progress": False}
+
+
+def read(source: object) -> ColumnarData:
+    """Every column of a jets source (or of a Parquet file written like its cache)."""
+    return load(source, TableSpec(EVERYTHING))
 
 
 def _assert_same(a: ColumnarData, b: ColumnarData) -> None:
@@ -38,7 +48,7 @@ def _assert_same(a: ColumnarData, b: ColumnarData) -> None:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[PythiaJetSource, ColumnarData]:
     src = PythiaJetSource(**SMALL, workers=1, cache_dir=str(tmp_path_factory.mktemp("jets")))
-    return src, src.load()
+    return src, read(src)
 
 
 def test_schema(small: tuple[PythiaJetSource, ColumnarData]) -> None:
@@ -117,7 +127,7 @@ def test_cache_is_read_back(
     monkeypatch.setattr(PythiaJetSource, "_generate", boom)
     again = PythiaJetSource(**SMALL, workers=2, cache_dir=str(path.parent))
     assert again.cache_path == path  # workers and progress are not part of the key
-    _assert_same(data, again.load())
+    _assert_same(data, read(again))
 
     schema = pq.read_schema(path)
     for f in PART_FIELDS:
@@ -131,7 +141,7 @@ def test_same_seed_same_output_any_workers(tmp_path) -> None:
     two = PythiaJetSource(**TINY, seed=11, workers=2, cache_dir=str(tmp_path / "b"))
     other = PythiaJetSource(**TINY, seed=12, workers=1, cache_dir=str(tmp_path / "c"))
     assert one.cache_path.name == two.cache_path.name != other.cache_path.name
-    a, b, c = one.load(), two.load(), other.load()
+    a, b, c = read(one), read(two), read(other)
     _assert_same(a, b)
     assert one.cache_path.read_bytes() == two.cache_path.read_bytes()
     assert not np.array_equal(a.flat["jet_pt"], c.flat["jet_pt"])
@@ -156,8 +166,8 @@ def test_parquet_rejects_mismatched_offsets(
 ) -> None:
     _, data = small
     good = tmp_path / "good.parquet"
-    write_jets_parquet(data, good)
-    _assert_same(data, read_jets_parquet(good))
+    write_parquet(arrow_table({**data.flat, "label": data.labels}, data.jagged), good)
+    _assert_same(data, read(ParquetSource(str(good))))
     table = pq.read_table(good)
     lists = table.column("part_pt").combine_chunks()
     offsets = np.asarray(lists.offsets).copy()
@@ -166,8 +176,8 @@ def test_parquet_rejects_mismatched_offsets(
     table = table.set_column(table.schema.get_field_index("part_pt"), "part_pt", broken)
     bad = tmp_path / "bad.parquet"
     pq.write_table(table, bad)
-    with pytest.raises(ValueError, match="different offsets"):
-        read_jets_parquet(bad)
+    with pytest.raises(ContractError, match="collection 'part' have different numbers of objects"):
+        read(ParquetSource(str(bad)))
 
 
 def test_nsubjettiness_on_known_jets() -> None:

@@ -17,9 +17,10 @@ from omegaconf import OmegaConf, open_dict
 from project.contract import InputContract
 from project.training.module import ClassifierModule
 from project.training.run import resolve_ckpt_path, train
-from tests.conftest import FAST, ROOT, compose_train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -41,8 +42,8 @@ def run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProces
 
 # --- smoke runs ------------------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["mlp", "deepsets", "transformer"])
-def test_fast_dev_run(model: str, tmp_path: Path) -> None:
-    cfg = compose_train([*FAST, f"model={model}", "trainer.fast_dev_run=true"], tmp_path)
+def test_fast_dev_run(model: str, tmp_path: Path, fast_overrides, compose_train) -> None:
+    cfg = compose_train([*fast_overrides, f"model={model}", "trainer.fast_dev_run=true"], tmp_path)
     metrics = train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     summary = read_summary(run_dir)
@@ -58,10 +59,10 @@ def test_fast_dev_run(model: str, tmp_path: Path) -> None:
 
 # --- a short real run ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def two_epoch_run(tmp_path_factory: pytest.TempPathFactory):
+def two_epoch_run(tmp_path_factory: pytest.TempPathFactory, fast_overrides, compose_train):
     """One 2-epoch MLP run through the real configs, shared by the artifact tests."""
     tmp_path = tmp_path_factory.mktemp("two_epochs")
-    cfg = compose_train([*FAST, "model=mlp", "trainer.max_epochs=2"], tmp_path)
+    cfg = compose_train([*fast_overrides, "model=mlp", "trainer.max_epochs=2"], tmp_path)
     metrics = train(cfg)
     return cfg, metrics, Path(cfg.paths.output_dir)
 
@@ -117,11 +118,13 @@ def test_checkpoint_loads_safely_with_the_fitted_contract(two_epoch_run) -> None
     assert module.contract == contract
 
 
-def test_last_checkpoint_is_latest_epoch_not_best(tmp_path: Path) -> None:
+def test_last_checkpoint_is_latest_epoch_not_best(
+    tmp_path: Path, fast_overrides, compose_train
+) -> None:
     """With a monitor whose best is epoch 0, last.ckpt must still hold the final epoch."""
     cfg = compose_train(
         [
-            *FAST,
+            *fast_overrides,
             "model=mlp",
             "trainer.max_epochs=2",
             "test=false",
@@ -142,15 +145,15 @@ def test_last_checkpoint_is_latest_epoch_not_best(tmp_path: Path) -> None:
     assert set(hashes) == {"last.ckpt", best[0].name}
 
 
-def test_resume_from_last(tmp_path: Path) -> None:
-    first_cfg = compose_train([*FAST, "model=mlp", "test=false"], tmp_path / "first")
+def test_resume_from_last(tmp_path: Path, fast_overrides, compose_train) -> None:
+    first_cfg = compose_train([*fast_overrides, "model=mlp", "test=false"], tmp_path / "first")
     train(first_cfg)
     first_dir = Path(first_cfg.paths.output_dir)
     first = read_summary(first_dir)
     assert (first["epochs"], first["global_step"]) == (1, 6)
 
     cfg = compose_train(
-        [*FAST, "model=mlp", "ckpt_path=last", "trainer.max_epochs=2", "test=false"],
+        [*fast_overrides, "model=mlp", "ckpt_path=last", "trainer.max_epochs=2", "test=false"],
         tmp_path / "second",
     )
     with open_dict(cfg):
@@ -259,14 +262,19 @@ def test_cli_bad_input(override: str, expected: list[str], tmp_path: Path) -> No
     ("override", "match"),
     [
         ("data.contract.classes=[qcd]", r"need at least two classes, got \['qcd'\]"),
-        ("data.contract.flat.0.name=jet_ptt", "flat column 'jet_ptt' required by the contract"),
+        (
+            "data.contract.flat.0.name=jet_ptt",
+            r"column 'jet_ptt' does not exist in toy jets.*close matches: \['jet_pt'",
+        ),
         ("data.contract.jagged.0.fields.2.transform=sqrt", "unknown transform 'sqrt'"),
         ("data.split=[0.5,0.6]", "split fractions must be positive and sum to 1"),
     ],
 )
-def test_bad_data_config_fails_before_training(override: str, match: str, tmp_path: Path) -> None:
+def test_bad_data_config_fails_before_training(
+    override: str, match: str, tmp_path: Path, fast_overrides, compose_train
+) -> None:
     """The same errors in process (the CLI prints them as above); nothing is written."""
-    cfg = compose_train([*FAST, override], tmp_path)
+    cfg = compose_train([*fast_overrides, override], tmp_path)
     with pytest.raises(Exception, match=match):
         train(cfg)
     assert not (tmp_path / "run").exists()
