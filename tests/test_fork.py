@@ -1,5 +1,7 @@
 """scripts/new_analysis.py: a new analysis in a temporary folder, renamed completely, trained
-and tested from its own src/ without the template's package; and bad input that writes nothing.
+and tested from its own src/ without the template's package, carrying none of the template's
+tooling; one without the Pythia jets, free of pythia8mc and fastjet, whose own ``make test``
+and ``make demo`` pass (slow); and bad input that writes nothing.
 """
 
 from __future__ import annotations
@@ -13,23 +15,41 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tools.new_analysis import cli, create
+from tools.new_analysis.buildfiles import drop_folder_arguments, rewrite_makefile
 from tools.new_analysis.errors import ForkError
-from tools.new_analysis.examples import ExamplePlan, prune_literals
+from tools.new_analysis.examples import ExamplePlan, available, prune_literals
 from tools.new_analysis.imports import resort_imports
-from tools.new_analysis.metadata import rewrite_readme
+from tools.new_analysis.leftout import TEMPLATE_ONLY, LeftOut, find_dangling
+from tools.new_analysis.metadata import rewrite_pyproject, rewrite_readme
+from tools.new_analysis.names import Author
 from tools.new_analysis.rename import Names, RenameCount, Renamer, find_leftovers
 from tools.new_analysis.repo import template_files
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "new_analysis.py"
 SHARED = ROOT.parent / "shared"
 AUTHOR = "A. Physicist <a.physicist@example.org>"
 PACKAGE = "tthml"
-MODULES = ("data", "deploy", "inference", "models", "soa", "training", "utils")
+MODULES = (
+    "contract",
+    "data",
+    "deploy",
+    "inference",
+    "models",
+    "predict",
+    "soa",
+    "training",
+    "utils",
+)
+PYTHIA = ("pythia8mc", "fastjet")
 # A reference to the template's package, wherever it stands (only [project...] TOML headers
-# and prose are exempt): independent of the rules in project/fork/rename.py.
+# and prose are exempt): independent of the rules in tools/new_analysis/rename.py.
 PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
 TRAIN_FAST = [
     "data=toy",
@@ -79,25 +99,41 @@ def fork_env(fork: Path, poison: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """``(folder, result)``: one analysis, made with the real command, without the
-    transformer model and the hzz and parquet data; ../shared beside it as beside the
-    template."""
-    base = tmp_path_factory.mktemp("analyses")
+def make_analysis(base: Path, *keep: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """``(folder, result)``: an analysis made in ``base`` by the real command with the
+    ``--keep-...`` arguments ``keep``; ../shared beside it as beside the template."""
     if SHARED.is_dir():
         (base / "shared").symlink_to(SHARED, target_is_directory=True)
     dest = base / PACKAGE
     # --include-untracked: this checkout may hold work not committed yet; a clone has none.
-    keep = ["--keep-models", "mlp,deepsets", "--keep-data", "jets,root"]
     result = run_script([*new_args(dest), *keep, "--include-untracked"])
     assert result.returncode == 0, result.stderr
     return dest, result
 
 
 @pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One analysis without the transformer model and the hzz and parquet data."""
+    base = tmp_path_factory.mktemp("analyses")
+    return make_analysis(base, "--keep-models", "mlp,deepsets", "--keep-data", "jets,root")
+
+
+@pytest.fixture(scope="module")
 def fork(made) -> Path:
     return made[0]
+
+
+@pytest.fixture(scope="module")
+def made_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One analysis that keeps only the root data (and toy, always kept): no Pythia jets."""
+    return make_analysis(tmp_path_factory.mktemp("analyses-root"), "--keep-data", "root")
+
+
+def dependencies(pyproject: dict) -> list[str]:
+    """Every requirement of a parsed pyproject.toml, its extras' included."""
+    project = pyproject["project"]
+    extras = project.get("optional-dependencies", {}).values()
+    return [*project["dependencies"], *(r for extra in extras for r in extra)]
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +191,6 @@ def test_no_reference_to_the_template_package_remains(fork: Path) -> None:
 
 
 def test_pyproject_names_the_analysis_and_keeps_the_project_table(fork: Path) -> None:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
-        import tomli as tomllib
     new = tomllib.loads((fork / "pyproject.toml").read_text())
     old = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert new["project"]["name"] == "tth-classifier"
@@ -167,8 +199,19 @@ def test_pyproject_names_the_analysis_and_keeps_the_project_table(fork: Path) ->
         {"name": "A. Physicist", "email": "a.physicist@example.org"}
     ]
     assert new["project"]["dependencies"] == old["project"]["dependencies"]
-    assert new["project"]["optional-dependencies"] == old["project"]["optional-dependencies"]
-    assert new["tool"]["setuptools"]["package-data"] == {PACKAGE: ["py.typed"]}
+    assert not [r for r in old["project"]["dependencies"] if r.startswith(PYTHIA)]
+    extras, old_extras = (
+        new["project"]["optional-dependencies"],
+        old["project"]["optional-dependencies"],
+    )
+    # The Pythia jets are kept, so is their extra; tomli serves only the template's test_fork.py.
+    assert extras["pythia"] == old_extras["pythia"]
+    assert sorted(p.split(">")[0].split("=")[0] for p in extras["pythia"]) == sorted(PYTHIA)
+    assert extras["dev"] == [r for r in old_extras["dev"] if not r.startswith("tomli")]
+    assert extras["cluster"] == old_extras["cluster"]
+    assert extras.keys() == old_extras.keys()
+    package_data = old["tool"]["setuptools"]["package-data"]["project"]
+    assert new["tool"]["setuptools"]["package-data"] == {PACKAGE: package_data}
     assert new["tool"]["pytest"] == old["tool"]["pytest"]
     text = (fork / "pyproject.toml").read_text()
     assert "[project]\n" in text
@@ -195,18 +238,39 @@ def test_no_run_outputs_and_no_template_tooling(fork: Path) -> None:
     assert not list(fork.rglob("__pycache__"))
     assert not list(fork.rglob("*.egg-info"))
     files = fork_files(fork)
-    for rel in ("scripts/new_analysis.py", "tests/test_fork.py", "docs/new-analysis.md"):
+    for rel in (
+        "scripts/new_analysis.py",
+        "scripts/benchmark.py",
+        "tests/test_fork.py",
+        "tests/test_benchmarks.py",
+        "docs/new-analysis.md",
+    ):
         assert rel not in files
-    assert not (fork / "src" / PACKAGE / "fork").exists()
-    assert "# ttH classifier\n" in (fork / "README.md").read_text()
+    assert not (fork / "tools").exists()
+    assert not [f for f in files if f.startswith("tools/")]
+    readme = (fork / "README.md").read_text()
+    assert "# ttH classifier\n" in readme
+    assert "## Start a new analysis" not in readme
     assert "tests/test_docs_examples.py" in files
     assert "docs/add-a-model.md" in files
+    assert "scripts/train.py" in files
+    # What builds, tests and describes the analysis names none of it.
+    left_out = re.compile(r"new_analysis|new-analysis|benchmark\.py|test_fork|(?<![\w.])tools/")
+    for rel in ("README.md", "Makefile", "pyproject.toml", ".ci/run", ".github/workflows/ci.yml"):
+        hits = [line for line in (fork / rel).read_text().splitlines() if left_out.search(line)]
+        assert not hits, (rel, hits)
+    assert ' -e ".[dev,pythia]"' in (fork / "Makefile").read_text()  # the jets are kept
 
 
 def test_removed_examples(fork: Path) -> None:
     configs = fork / "configs"
     assert sorted(p.stem for p in (configs / "model").glob("*.yaml")) == ["deepsets", "mlp"]
-    assert sorted(p.stem for p in (configs / "data").glob("*.yaml")) == ["jets", "root", "toy"]
+    assert sorted(p.stem for p in (configs / "data").glob("*.yaml")) == [
+        "base",
+        "jets",
+        "root",
+        "toy",
+    ]
     assert sorted(p.stem for p in (configs / "experiment").glob("*.yaml")) == ["deepsets", "mlp"]
     assert "  - data: jets\n" in (configs / "train.yaml").read_text()
     conftest = (fork / "tests" / "conftest.py").read_text()
@@ -256,6 +320,105 @@ def test_trains_with_its_renamed_targets(fork: Path, poison: Path, tmp_path: Pat
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
+# --- a new analysis without the Pythia jets --------------------------------------------------
+def demo_recipe(makefile: str) -> list[str]:
+    """The command lines of the ``demo`` rule."""
+    lines = makefile.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("demo:")))
+    recipe = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
+def test_without_the_jets_it_carries_no_pythia(made_root) -> None:
+    fork, result = made_root
+    files = fork_files(fork)
+    for rel in (
+        f"src/{PACKAGE}/data/sources/pythia.py",
+        f"src/{PACKAGE}/data/sources/nsubjettiness.py",
+        "tests/test_pythia_source.py",
+        "configs/data/jets.yaml",
+    ):
+        assert rel not in files
+    kept = {"configs/data/base.yaml", "configs/data/root.yaml", "configs/data/toy.yaml"}
+    assert kept | {f"src/{PACKAGE}/data/sources/root.py"} <= set(files)
+    assert "configs/data/contract/jets.yaml" in files  # the toy data's contract
+    pyproject = tomllib.loads((fork / "pyproject.toml").read_text())
+    assert not [r for r in dependencies(pyproject) if r.startswith(PYTHIA)]
+    assert sorted(pyproject["project"]["optional-dependencies"]) == ["cluster", "dev"]
+    for rel in files:
+        if rel.endswith(".py"):
+            imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", (fork / rel).read_text(), re.M)
+            assert not [m for m in imports if m.split(".")[0] in ("pythia8", "fastjet")], rel
+            assert not [m for m in imports if re.search(r"\.(pythia|nsubjettiness)\b", m)], rel
+    makefile = (fork / "Makefile").read_text()
+    assert ' -e ".[dev]"' in makefile
+    assert "pythia" not in makefile.lower()
+    assert "  - data: root\n" in (fork / "configs" / "train.yaml").read_text()
+    assert "  - override /data: root\n" in (fork / "configs/experiment/mlp.yaml").read_text()
+    assert '"data": ["hzz", "jets", "parquet"]' in (fork / "tests" / "conftest.py").read_text()
+    assert "default data  root (the template's default was removed)" in result.stdout
+    assert "extras        without pythia" in result.stdout
+
+
+def test_without_the_jets_make_demo_scores_the_runs_validation_sample(made_root) -> None:
+    fork, _ = made_root
+    recipe = demo_recipe((fork / "Makefile").read_text())
+    assert recipe[0] == "$(BIN)/python scripts/train.py experiment=mlp"
+    assert any(line.startswith("$(BIN)/python scripts/export.py") for line in recipe)
+    assert recipe[-1].startswith(f"$(BIN)/python -m {PACKAGE}.inference exported/mlp ")
+    assert "logs/mlp/runs/*/validation_sample.parquet" in recipe[-1]
+    assert not [line for line in recipe if re.search(r"generate\.py|heldout|benchmark", line)]
+    # The template's demo has the held-out steps the new analysis replaced.
+    template = demo_recipe((ROOT / "Makefile").read_text())
+    assert [line for line in template if "scripts/generate.py" in line]
+
+
+@pytest.mark.slow
+def test_without_the_jets_its_own_make_test_and_make_demo_pass(made_root) -> None:
+    """The new analysis as its user gets it: ``make test`` creates its .venv from its own
+    pyproject.toml (no pythia extra) and runs its fast tests; ``make demo`` trains on root."""
+    fork, _ = made_root
+    unset = ("PROJECT_ROOT", "HYDRA_FULL_ERROR", "PYTHONPATH", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    out = {}
+    for target in ("test", "demo"):
+        result = subprocess.run(
+            ["make", target, f"PYTHON={sys.executable}"],
+            cwd=fork,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        assert result.returncode == 0, (target, result.stdout[-4000:], result.stderr[-4000:])
+        out[target] = result.stdout
+    assert re.search(r"\d+ passed", out["test"]), out["test"][-3000:]
+    assert (fork / "data" / "demo-scores.parquet").is_file()
+    installed = subprocess.run(
+        [str(fork / ".venv" / "bin" / "python"), "-c", _INSTALLED],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert installed == ["tth-classifier"]
+
+
+# Which of the new analysis and the Pythia distributions its environment has.
+_INSTALLED = """
+import importlib.metadata as m
+for name in ("tth-classifier", "pythia8mc", "fastjet"):
+    try:
+        m.distribution(name)
+        print(name)
+    except m.PackageNotFoundError:
+        pass
+"""
+
+
 # --- bad input: a clear message and nothing written ---------------------------------------
 
 
@@ -275,6 +438,7 @@ def test_trains_with_its_renamed_targets(fork: Path, poison: Path, tmp_path: Pat
         ({"dist_name": "hep_ml.template"}, "is the template's own"),
         ({"author": "nobody"}, "must look like 'A. Physicist <"),
         ({"keep_models": "mlp,resnet"}, "unknown model example(s) ['resnet']"),
+        ({"keep_data": "root,base"}, "['base'] is what every data config builds on"),
     ],
 )
 def test_bad_input_writes_nothing(
@@ -313,11 +477,13 @@ def test_missing_arguments_without_a_terminal(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("step", ["commit_all", "find_leftovers"])
+@pytest.mark.parametrize("step", ["commit_all", "find_leftovers", "find_dangling"])
 def test_a_failure_midway_leaves_nothing(step: str, tmp_path: Path, capsys, monkeypatch) -> None:
     def fail(*args, **kwargs):
         if step == "find_leftovers":
             return ["README.md:1: from project.models import MLP"]
+        if step == "find_dangling":
+            return ["Makefile:28: $(BIN)/python scripts/benchmark.py inference"], []
         raise ForkError("git commit failed")
 
     monkeypatch.setattr(create, step, fail)
@@ -338,7 +504,8 @@ def test_asks_on_a_terminal_until_the_answer_is_valid(tmp_path: Path, capsys, mo
     assert cli.main(["--include-untracked"], template_root=ROOT) == 0
     out = capsys.readouterr()
     assert "would shadow the dependency 'torch'" in out.err  # asked again
-    assert "examples      data: jets, toy; model: " in out.out
+    assert "examples      data: toy; model: " in out.out
+    assert "default data  toy" in out.out  # no real data kept: make demo trains on toy
     assert (tmp_path / "new" / "src" / PACKAGE).is_dir()
 
 
@@ -349,7 +516,7 @@ NAMES = Names("project", "tthml", "hep-ml-template", "tth-classifier", MODULES)
 @pytest.mark.parametrize(
     ("before", "after"),
     [
-        ("from project.contract import X", "from tthml.data.contract import X"),
+        ("from project.contract import X", "from tthml.contract import X"),
         ("from project import models", "from tthml import models"),
         ("import project", "import tthml"),
         ("    >>> from project.inference import load", "    >>> from tthml.inference import load"),
@@ -421,13 +588,108 @@ def test_prune_literals_drops_removed_examples_only_from_complete_lists() -> Non
 def test_readme_loses_what_belongs_to_the_template_tooling_only() -> None:
     text = (
         "# hep-ml-template\n\nIntro.\n\n## Start a new analysis\n\nRun it.\n\n### Details\n\nx\n\n"
-        "## Layout\n\n```\nscripts/\n  new_analysis.py  analyses\n  train.py\nsrc/project/\n"
-        "  fork/    analyses\n  models/\n```\n\n- `docs/new-analysis.md`: how\n- `docs/add-a-model.md`\n"
+        "## Layout\n\n```\nscripts/  entry points: train.py, benchmark.py\n  new_analysis.py  x\n"
+        "src/project/\n  models/\n```\n\n- `docs/new-analysis.md`: how\n- `docs/add-a-model.md`\n"
+        "- `scripts/benchmark.py train` measures\n  on toy jets.\n\n  | a | b |\n\n- Clusters\n\n"
+        "Speed (`scripts/benchmark.py`):\nfast.\n\nThe end.\n"
     )
-    assert rewrite_readme(text, "ttH classifier", create.template_only_paths("project")) == (
-        "# ttH classifier\n\nIntro.\n\n## Layout\n\n```\nscripts/\n  train.py\nsrc/project/\n"
-        "  models/\n```\n\n- `docs/add-a-model.md`\n"
+    left_out = LeftOut.of(TEMPLATE_ONLY, "project").names()
+    assert rewrite_readme(text, "ttH classifier", left_out) == (
+        "# ttH classifier\n\nIntro.\n\n## Layout\n\n```\nscripts/  entry points: train.py\n"
+        "src/project/\n  models/\n```\n\n- `docs/add-a-model.md`\n\n- Clusters\n\nThe end.\n"
     )
+
+
+def test_pyproject_leaves_out_extras_requirements_and_folders() -> None:
+    before = (
+        '[project]\nname = "x"\ndependencies = [\n  "numpy>=1.24",\n]\n\n'
+        "[project.optional-dependencies]\n"
+        'dev = [\n  "pytest>=8",\n  "tomli>=2; python_version < \'3.11\'",  # test_fork.py\n]\n'
+        '# The Pythia jets example.\n# Two lines.\npythia = [\n  "pythia8mc==8.317.2",\n]\n'
+        'cluster = ["submitit"]\n\n[tool.ruff]\nsrc = ["src", "tests", "tools", "scripts"]\n'
+    )
+    after = rewrite_pyproject(
+        before,
+        "tth-classifier",
+        "ttH classifier",
+        Author("A. Physicist", "a@example.org"),
+        drop_extras=["pythia"],
+        drop_requirements=["tomli"],
+        drop_folders=["tools"],
+    )
+    parsed = tomllib.loads(after)
+    assert parsed["project"]["dependencies"] == ["numpy>=1.24"]
+    assert parsed["project"]["optional-dependencies"] == {
+        "dev": ["pytest>=8"],
+        "cluster": ["submitit"],
+    }
+    assert parsed["tool"]["ruff"]["src"] == ["src", "tests", "scripts"]
+    assert "Pythia" not in after
+
+
+def test_makefile_of_an_analysis_without_the_jets() -> None:
+    template = (ROOT / "Makefile").read_text()
+    left = LeftOut.of(TEMPLATE_ONLY, "project")
+    held_out = ("scripts/generate.py", "data/heldout")
+    kept = rewrite_makefile(template, "project", left.pattern(), [], None, "jets")
+    assert demo_recipe(kept) == [
+        line for line in demo_recipe(template) if "scripts/benchmark.py" not in line
+    ]
+    assert ' -e ".[dev,pythia]"' in kept
+    without = rewrite_makefile(template, "tthml", left.pattern(), ["pythia"], held_out, "root")
+    assert ' -e ".[dev]"' in without
+    assert "(data=root, configs/train.yaml)" in without
+    assert "jets" not in without
+    assert "benchmark" not in without
+    assert demo_recipe(without)[-1].startswith("$(BIN)/python -m tthml.inference exported/mlp ")
+    with pytest.raises(ForkError, match="no demo rule"):
+        rewrite_makefile("test:\n\tpytest\n", "tthml", None, [], held_out, "root")
+    lint = "lint:\n\truff check src tests scripts tools\n\truff format --check src tools/ x\n"
+    assert drop_folder_arguments(lint, ["tools"]) == (
+        "lint:\n\truff check src tests scripts\n\truff format --check src x\n"
+    )
+
+
+def test_dangling_references_to_what_is_left_out(tmp_path: Path) -> None:
+    left = LeftOut.of([*TEMPLATE_ONLY, "src/tthml/data/sources/pythia.py"], "tthml")
+    assert left.modules == ("tools", "tthml.data.sources.pythia")
+    files = {
+        "tests/test_a.py": '"""Runs ``scripts/benchmark.py``."""\n'
+        "from tools.benchmarks import inference\n"
+        'SCRIPT = "scripts/benchmark.py"  # measured by scripts/benchmark.py\n',
+        "src/tthml/b.py": "import tthml.data.sources.pythia as p\nimport functools, setuptools\n",
+        "configs/data/x.yaml": "source:\n  _target_: tthml.data.sources.pythia.PythiaJetSource\n",
+        "Makefile": "bench:\n\tpython scripts/benchmark.py\n",
+        "docs/guide.md": "The benchmark (`scripts/benchmark.py`) measured it.\n",
+        "src/tthml/c.py": "# the tools/ folder of the template\nimport itertools\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    errors, notes = find_dangling(tmp_path, list(files), left)
+    assert sorted(e.split(": ")[0] for e in errors) == [
+        "Makefile:2",
+        "configs/data/x.yaml:2",
+        "src/tthml/b.py:1",
+        "tests/test_a.py:2",
+        "tests/test_a.py:3",
+    ]
+    assert sorted(n.split(": ")[0] for n in notes) == [
+        "docs/guide.md:1",
+        "src/tthml/c.py:1",
+        "tests/test_a.py:1",
+    ]
+
+
+def test_examples_are_configs_but_not_the_shared_base() -> None:
+    files = [
+        "configs/data/base.yaml",
+        "configs/data/root.yaml",
+        "configs/data/contract/jets.yaml",
+        "configs/model/mlp.yaml",
+        "configs/train.yaml",
+    ]
+    assert available(files) == {"data": ["root"], "model": ["mlp"]}
 
 
 def test_template_files_are_the_tracked_ones(tmp_path: Path, monkeypatch) -> None:

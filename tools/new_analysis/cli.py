@@ -24,18 +24,22 @@ DESCRIPTION = """\
 Create a new analysis project from this template, in a new folder: the template's tracked
 files with the import package 'project' renamed everywhere (imports, configs' _target_,
 pyproject.toml, README, CI), a new distribution name, an empty exported/, no run outputs,
-and a fresh git repository with one commit. Nothing is written unless every step succeeds.
-Missing arguments are asked for on a terminal; without one they are an error."""
+none of the template's own tooling (tools/, this command, the benchmarks), and a fresh git
+repository with one commit. Nothing is written unless every step succeeds. Missing arguments
+are asked for on a terminal; without one they are an error."""
 
 EPILOG = """\
-The toy and jets data and the mlp model are always kept: the fast tests use toy and mlp,
-make demo trains mlp on jets. Removing an example removes its config (configs/data/NAME.yaml,
-configs/model/NAME.yaml and the experiments built on that model); the Python classes stay.
+The toy data and the mlp model are always kept: the fast tests use them, and make demo trains
+mlp. Removing an example removes its config (configs/data/NAME.yaml, configs/model/NAME.yaml
+and the experiments built on that model); the Python classes stay, except that removing jets
+also removes the Pythia generator, its test and the pythia extra (pythia8mc, fastjet). Without
+jets, make demo trains on the first kept real data that needs no file argument (hzz, root),
+else on toy, and scores the run's validation sample.
 
 example:
   python scripts/new_analysis.py --name "ttH classifier" --package tthml \\
       --author "A. Physicist <a.physicist@example.org>" --dest ../tthml \\
-      --keep-models mlp,deepsets --keep-data jets,toy,root"""
+      --keep-models mlp,deepsets --keep-data root"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-data",
         metavar="LIST",
-        help="comma-separated data examples to keep (default: all; toy and jets always are)",
+        help="comma-separated data examples to keep (default: all; toy always is)",
     )
     parser.add_argument(
         "--keep-models",
@@ -156,8 +160,13 @@ def format_report(report: AnalysisReport, title: str) -> str:
     ]
     if plan.removed_files:
         lines.append(f"  removed       {', '.join(plan.removed_files)}")
+    if plan.removed_extras:
+        lines.append(f"  extras        without {', '.join(plan.removed_extras)} (pyproject.toml)")
     if plan.default_moved:
-        lines.append(f"  default data  {plan.default_data} (the template's default was removed)")
+        lines.append(
+            f"  default data  {plan.default_data} (the template's default was removed); "
+            "make demo trains on it"
+        )
     lines += [
         f"  git           one commit {report.commit[:10]} (branch main)",
         "",
@@ -175,7 +184,7 @@ def format_report(report: AnalysisReport, title: str) -> str:
 
 def main(argv: Sequence[str] | None = None, template_root: Path | None = None) -> int:
     """Run the command; return the exit status (0 created, 1 refused or failed, 2 usage)."""
-    root = (template_root or Path(__file__).resolve().parents[3]).resolve()
+    root = (template_root or Path(__file__).resolve().parents[2]).resolve()
     args = build_parser().parse_args(argv)
     try:
         _complete(args, root, interactive=sys.stdin is not None and sys.stdin.isatty())

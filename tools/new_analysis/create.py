@@ -13,9 +13,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.new_analysis import examples, metadata
+from tools.new_analysis import buildfiles, examples, metadata
 from tools.new_analysis.errors import ForkError
 from tools.new_analysis.imports import resort_imports
+from tools.new_analysis.leftout import (
+    TEMPLATE_ONLY,
+    TEMPLATE_ONLY_REQUIREMENTS,
+    LeftOut,
+    find_dangling,
+)
 from tools.new_analysis.names import (
     TEMPLATE_DISTRIBUTION,
     Author,
@@ -60,19 +66,10 @@ class AnalysisReport:
     warnings: list[str]
 
 
-def template_only_paths(package: str) -> tuple[str, ...]:
-    """Files of the template that make new analyses; a new analysis does not carry them."""
-    return (
-        "scripts/new_analysis.py",
-        f"src/{package}/fork/",
-        "tests/test_fork.py",
-        "docs/new-analysis.md",
-    )
-
-
 def _copyable(rel: str, root: Path, excluded: tuple[str, ...]) -> bool:
     path = root / rel
-    if rel.startswith(excluded) or rel in excluded:
+    # A folder entry ("logs/") also excludes a link of that name (a .venv linked elsewhere).
+    if rel.startswith(excluded) or rel in excluded or f"{rel}/" in excluded:
         return False
     if rel.startswith("exported/") and rel != "exported/README.md":
         return False
@@ -137,10 +134,14 @@ def create_analysis(spec: AnalysisSpec, template_root: Path) -> AnalysisReport:
         )
     plan = examples.plan(root, files, spec.keep)
     warnings += plan.notes
-    excluded = (*template_only_paths(old_package), *_NEVER_COPIED, *plan.removed_files)
+    excluded = (*TEMPLATE_ONLY, *_NEVER_COPIED, *plan.removed_files)
     files = [f for f in files if _copyable(f, root, excluded)]
     names = Names(
         old_package, spec.package, TEMPLATE_DISTRIBUTION, distribution, _modules(files, old_package)
+    )
+    left = LeftOut.of(
+        [_target_path(p, names) for p in (*TEMPLATE_ONLY, *plan.removed_example_files)],
+        names.new_package,
     )
 
     try:
@@ -152,16 +153,29 @@ def create_analysis(spec: AnalysisSpec, template_root: Path) -> AnalysisReport:
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
         count = RenameCount()
-        written = _write_files(
-            root, staging, files, names, plan, count, title, spec.author, warnings
-        )
+        written = _write_files(root, staging, files, names, plan, left, count, title, spec.author)
         leftovers = find_leftovers(staging, written, names)
         if leftovers:
             listing = "\n  ".join(leftovers[:20])
             raise ForkError(
                 f"{len(leftovers)} reference(s) to the template's package or distribution "
                 f"would remain, so nothing was written:\n  {listing}\nRename them in the "
-                "template (or extend project/fork/rename.py) and retry."
+                "template (or extend tools/new_analysis/rename.py) and retry."
+            )
+        dangling, mentions = find_dangling(staging, written, left)
+        if dangling:
+            listing = "\n  ".join(dangling[:20])
+            raise ForkError(
+                f"{len(dangling)} place(s) need what a new analysis does not carry "
+                f"({', '.join(left.names())}), so nothing was written:\n  {listing}\nMove "
+                "them out of the files an analysis keeps in the template (see "
+                "tools/new_analysis/leftout.py) and retry."
+            )
+        if mentions:
+            shown = "; ".join(mentions[:5]) + (" ..." if len(mentions) > 5 else "")
+            warnings.append(
+                f"{len(mentions)} comment(s) or docs line(s) name what this analysis does not "
+                f"carry: {shown}"
             )
         kept = "; ".join(f"{g}: {', '.join(plan.kept[g])}" for g in examples.GROUPS)
         message = (
@@ -192,14 +206,15 @@ def _write_files(
     files: list[str],
     names: Names,
     plan: examples.ExamplePlan,
+    left: LeftOut,
     count: RenameCount,
     title: str,
     author: Author,
-    warnings: list[str],
 ) -> list[str]:
     """Copy ``files`` from ``root`` into ``staging``, renamed and adapted; return their new
-    relative paths. Notes for the user are appended to ``warnings``."""
+    relative paths."""
     renamer = Renamer(names)
+    folders = [p.rstrip("/") for p in left.paths if p.endswith("/")]
     written = []
     for rel in files:
         source, new_rel = root / rel, _target_path(rel, names)
@@ -222,12 +237,28 @@ def _write_files(
             if new_rel == "tests/conftest.py" and plan.removes_anything:
                 text = text.rstrip("\n") + "\n" + examples.conftest_hook(plan)
             if new_rel == "pyproject.toml":
-                text = metadata.rewrite_pyproject(text, names.new_distribution, title, author)
+                text = metadata.rewrite_pyproject(
+                    text,
+                    names.new_distribution,
+                    title,
+                    author,
+                    drop_extras=plan.removed_extras,
+                    drop_requirements=TEMPLATE_ONLY_REQUIREMENTS,
+                    drop_folders=folders,
+                )
             if new_rel == "README.md":
-                template_only = template_only_paths(names.old_package)
-                text = metadata.rewrite_readme(text, title, template_only)
-                for path in metadata.mentions(text, template_only):
-                    warnings.append(f"README.md still names {path}, which is not copied")
+                text = metadata.rewrite_readme(text, title, left.names())
+            if new_rel == "Makefile":
+                text = buildfiles.rewrite_makefile(
+                    text,
+                    names.new_package,
+                    left.pattern(),
+                    plan.removed_extras,
+                    plan.demo_held_out,
+                    plan.default_data,
+                )
+            if new_rel == "Makefile" or new_rel.startswith((".github/", ".ci/")):
+                text = buildfiles.drop_folder_arguments(text, folders)
             target.write_text(text)
         shutil.copymode(source, target)
     (staging / "exported").mkdir(exist_ok=True)

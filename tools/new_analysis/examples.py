@@ -1,12 +1,14 @@
 """Which example data and model configs a new analysis keeps, and what removing one changes.
 
-An example is a config: ``configs/data/<name>.yaml`` or ``configs/model/<name>.yaml``. The
-Python classes behind them stay (they are small, and other code and tests use them).
-Removing an example removes its config and the experiments built on a removed model; the
-default data of ``train.yaml`` and of experiments moves to a kept source; lists in the code
-that name every example of a kind (``MODELS = ("mlp", "deepsets", "transformer")``) lose the
-removed ones; and the tests get a hook that reports a test needing a removed config as
-skipped, naming the config.
+An example is a config: ``configs/data/<name>.yaml`` or ``configs/model/<name>.yaml``
+(``configs/data/base.yaml``, which every data config builds on, is none). Removing an example
+removes its config and the experiments built on a removed model. The Python classes behind
+most examples stay (they are small, and other code and tests use them); an example that
+brings its own code and dependencies (the Pythia jets: the generator, its test and the
+``pythia`` extra) takes them along. The default data of ``train.yaml``, ``generate.yaml`` and
+the experiments moves to a kept source; lists in the code that name every example of a kind
+(``MODELS = ("mlp", "deepsets", "transformer")``) lose the removed ones; and the tests get a
+hook that reports a test needing a removed config as skipped, naming the config.
 """
 
 from __future__ import annotations
@@ -20,16 +22,34 @@ from pathlib import Path
 from tools.new_analysis.errors import ForkError
 
 GROUPS = ("data", "model")
-# Examples a new analysis always keeps, and why: the fast tests and `make demo` run on them.
+# Configs of a group that are not examples: the pieces the group's configs are built from.
+BUILDING_BLOCKS = {"data": ("base",), "model": ()}
+# Examples a new analysis always keeps, and why.
 ALWAYS_KEPT = {
-    "data": {"toy": "the fast tests use it", "jets": "make demo trains on it"},
+    "data": {"toy": "the fast tests use it"},
     "model": {"mlp": "the fast tests and make demo use it"},
 }
+# What an example brings beside its config, in template paths: files that go with it and the
+# optional-dependency extras that only it needs.
+EXAMPLE_FILES = {
+    ("data", "jets"): (
+        "src/project/data/sources/pythia.py",
+        "src/project/data/sources/nsubjettiness.py",
+        "tests/test_pythia_source.py",
+    ),
+}
+EXAMPLE_EXTRAS = {("data", "jets"): ("pythia",)}
+# The steps of the Makefile's demo that only an example's data can run (held-out jets of
+# another Pythia seed), by what marks their lines.
+DEMO_HELD_OUT = {("data", "jets"): ("scripts/generate.py", "data/heldout")}
+# Synthetic data that needs no file: the default data when no kept real source runs as it is.
+FALLBACK_DATA = "toy"
 _DEFAULTS_ENTRY = re.compile(r"^(\s*-\s*(?:override\s+)?/?(data|model)\s*:\s*)(\w+)(\s*(?:#.*)?)$")
 
 
 def available(files: list[str]) -> dict[str, list[str]]:
-    """Example names per group, from the ``configs/<group>/*.yaml`` files in ``files``."""
+    """Example names per group, from the ``configs/<group>/*.yaml`` files in ``files`` (the
+    ``BUILDING_BLOCKS`` are not examples)."""
     found: dict[str, list[str]] = {g: [] for g in GROUPS}
     for rel in files:
         parts = Path(rel).parts
@@ -38,6 +58,7 @@ def available(files: list[str]) -> dict[str, list[str]]:
             and parts[0] == "configs"
             and parts[1] in GROUPS
             and rel.endswith(".yaml")
+            and Path(rel).stem not in BUILDING_BLOCKS[parts[1]]
         ):
             found[parts[1]].append(Path(rel).stem)
     return found
@@ -53,6 +74,9 @@ class ExamplePlan:
     default_data: str | None = None
     default_moved: bool = False
     removed_files: list[str] = field(default_factory=list)
+    removed_extras: list[str] = field(default_factory=list)
+    removed_example_files: list[str] = field(default_factory=list)
+    demo_held_out: tuple[str, ...] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -74,6 +98,13 @@ def plan(root: Path, files: list[str], keep: dict[str, list[str] | None]) -> Exa
         if wanted is None:
             kept[group] = list(names[group])
             continue
+        blocks = [n for n in wanted if n in BUILDING_BLOCKS[group]]
+        if blocks:
+            raise ForkError(
+                f"--keep-{'models' if group == 'model' else 'data'}: {blocks} is what every "
+                f"{group} config builds on, not an example, and is always kept; the examples "
+                f"are {sorted(names[group])}"
+            )
         unknown = [n for n in wanted if n not in names[group]]
         if unknown:
             raise ForkError(
@@ -88,6 +119,12 @@ def plan(root: Path, files: list[str], keep: dict[str, list[str] | None]) -> Exa
     removed = {g: [n for n in names[g] if n not in kept[g]] for g in GROUPS}
     result = ExamplePlan(kept, removed, names, notes=notes)
     result.removed_files = [f"configs/{g}/{n}.yaml" for g in GROUPS for n in removed[g]]
+    for g in GROUPS:
+        for n in removed[g]:
+            result.removed_example_files += [f for f in EXAMPLE_FILES.get((g, n), ()) if f in files]
+            result.removed_extras += EXAMPLE_EXTRAS.get((g, n), ())
+            result.demo_held_out = result.demo_held_out or DEMO_HELD_OUT.get((g, n))
+    result.removed_files += result.removed_example_files
     result.default_data = _default_data(root, kept["data"], removed["data"])
     result.default_moved = result.default_data in kept["data"] and any(
         _defaults_entries((root / "configs" / "train.yaml").read_text()).get("data") == n
@@ -113,15 +150,16 @@ def _defaults_entries(text: str) -> dict[str, str]:
 
 
 def _default_data(root: Path, kept: list[str], removed: list[str]) -> str | None:
-    """The template's default data if kept, else the first kept one that needs no file
-    argument (``???`` in its config)."""
+    """The template's default data if kept, else the first kept real source that needs no
+    file argument (no ``???`` in its config), else the synthetic ``FALLBACK_DATA``."""
     current = _defaults_entries((root / "configs" / "train.yaml").read_text()).get("data")
     if current is None or current not in removed:
         return current
     for name in kept:
-        if "???" not in (root / "configs" / "data" / f"{name}.yaml").read_text():
+        text = (root / "configs" / "data" / f"{name}.yaml").read_text()
+        if name != FALLBACK_DATA and "???" not in text:
             return name
-    return kept[0] if kept else None
+    return FALLBACK_DATA if FALLBACK_DATA in kept else (kept[0] if kept else None)
 
 
 def rewrite_config(rel: str, text: str, ex: ExamplePlan) -> str:

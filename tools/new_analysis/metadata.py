@@ -1,4 +1,5 @@
-"""The new analysis's own identity in ``pyproject.toml`` and the README."""
+"""The new analysis's own identity in ``pyproject.toml`` and the README, without what it
+leaves out (``leftout``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import re
 
 from tools.new_analysis.errors import ForkError
-from tools.new_analysis.names import Author
+from tools.new_analysis.names import Author, normalize_distribution
 
 _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 START_SECTION = "Start a new analysis"
@@ -17,10 +18,22 @@ def _toml_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def rewrite_pyproject(text: str, distribution: str, title: str, author: Author) -> str:
-    """Set ``name``, ``version``, ``description`` and ``authors`` of the ``[project]`` table.
+def rewrite_pyproject(
+    text: str,
+    distribution: str,
+    title: str,
+    author: Author,
+    drop_extras: tuple[str, ...] | list[str] = (),
+    drop_requirements: tuple[str, ...] | list[str] = (),
+    drop_folders: tuple[str, ...] | list[str] = (),
+) -> str:
+    """Set ``name``, ``version``, ``description`` and ``authors`` of the ``[project]`` table,
+    and leave out what the new analysis does not carry.
 
-    Raises ``ForkError`` if the file has no ``[project]`` table with a ``name``.
+    ``drop_extras`` are removed from ``[project.optional-dependencies]`` with the comment
+    lines right above them; ``drop_requirements`` (distribution names) from every dependency
+    list; ``drop_folders`` (``tools``) from the lists of the ``[tool.*]`` tables (ruff's
+    ``src``). Raises ``ForkError`` if the file has no ``[project]`` table with a ``name``.
     """
     values = {
         "name": _toml_string(distribution),
@@ -28,11 +41,12 @@ def rewrite_pyproject(text: str, distribution: str, title: str, author: Author) 
         "description": _toml_string(title),
         "authors": f"[{{ name = {_toml_string(author.name)}, email = {_toml_string(author.email)} }}]",
     }
+    dropped = {normalize_distribution(r) for r in drop_requirements}
     lines = text.splitlines(keepends=True)
     out: list[str] = []
     table = ""
     seen: set[str] = set()
-    skipping = 0  # open brackets of a multi-line value being replaced
+    skipping = 0  # open brackets of a multi-line value being replaced or dropped
     for line in lines:
         if skipping:
             skipping += line.count("[") - line.count("]")
@@ -42,24 +56,49 @@ def rewrite_pyproject(text: str, distribution: str, title: str, author: Author) 
             table = header.group(1).replace(" ", "")
             out.append(line)
             continue
-        key = re.match(r"^(\w+)\s*=", line)
+        key = re.match(r"^([\w-]+)\s*=", line)
+        value = line.split("=", 1)[1] if key else ""
         if table == "project" and key and key.group(1) in values:
             name = key.group(1)
             seen.add(name)
             out.append(f"{name} = {values[name]}\n")
-            value = line.split("=", 1)[1]
             skipping = max(value.count("[") - value.count("]"), 0)
             continue
+        if table == "project.optional-dependencies" and key and key.group(1) in drop_extras:
+            while out and out[-1].lstrip().startswith("#"):
+                out.pop()
+            skipping = max(value.count("[") - value.count("]"), 0)
+            continue
+        requirement = re.match(r"^\s*[\"']([A-Za-z0-9][A-Za-z0-9._-]*)", line)
+        if requirement and normalize_distribution(requirement.group(1)) in dropped:
+            continue
+        if table.startswith("tool.") and drop_folders:
+            line = _drop_list_items(line, drop_folders)
         out.append(line)
     if "name" not in seen:
         raise ForkError("pyproject.toml has no [project] table with a name; is this the template?")
     return "".join(out)
 
 
-def rewrite_readme(text: str, title: str, template_only: tuple[str, ...] = ()) -> str:
-    """Retitle the README and drop what belongs to the template's tooling for new analyses:
-    the "Start a new analysis" section, and list items or code lines (a layout tree) that
-    name one of the ``template_only`` paths."""
+def _drop_list_items(line: str, items: tuple[str, ...] | list[str]) -> str:
+    """``src = ["src", "tools"]`` without ``"tools"``: quoted list items equal to one of
+    ``items`` are removed with their comma."""
+    for item in items:
+        quoted = rf"[\"']{re.escape(item)}/?[\"']"
+        line = re.sub(rf",\s*{quoted}(?=\s*[\],])", "", line)
+        line = re.sub(rf"(?<=\[)\s*{quoted}\s*,?\s*", "", line)
+    return line
+
+
+def rewrite_readme(text: str, title: str, left_out: tuple[str, ...] = ()) -> str:
+    """Retitle the README and drop what belongs to what the new analysis leaves out.
+
+    The "Start a new analysis" section goes; so does every paragraph or list item (with its
+    continuation lines) that names one of ``left_out`` (file names such as ``benchmark.py``,
+    folders such as ``tools/``, see ``leftout.LeftOut.names``). In a code block only the
+    lines naming one go, after a name in a comma-separated list (``train.py, benchmark.py``)
+    has been taken out of its list.
+    """
     lines = text.splitlines(keepends=True)
     for i, line in enumerate(lines):
         if line.startswith("# "):
@@ -67,7 +106,27 @@ def rewrite_readme(text: str, title: str, template_only: tuple[str, ...] = ()) -
             break
     else:
         lines.insert(0, f"# {title}\n\n")
-    names = [_basename(p) for p in template_only]
+    lines = _without_start_section(lines)
+    if not left_out:
+        return "".join(lines)
+    mention = re.compile(rf"(?<![\w.\-])(?:{'|'.join(re.escape(n) for n in left_out)})")
+    out: list[str] = []
+    for block, in_fence in _blocks(lines):
+        if in_fence:
+            for line in block:
+                line = _drop_from_lists(line, left_out)
+                if not mention.search(line):
+                    out.append(line)
+        elif any(mention.search(line) for line in block):
+            continue
+        elif not block[0].strip() and out and not out[-1].strip():
+            continue  # one blank line where a block between two was dropped
+        else:
+            out.extend(block)
+    return "".join(out)
+
+
+def _without_start_section(lines: list[str]) -> list[str]:
     out: list[str] = []
     skip_level = 0
     fence = False
@@ -81,21 +140,73 @@ def rewrite_readme(text: str, title: str, template_only: tuple[str, ...] = ()) -
                 skip_level = 0
             if heading.group(2).strip().lower() == START_SECTION.lower():
                 skip_level = level
-        if skip_level:
+        if not skip_level:
+            out.append(line)
+    return out
+
+
+_LIST_ITEM = re.compile(r"^(\s*)(?:[-*+]|\d+[.)])\s")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _blocks(lines: list[str]) -> list[tuple[list[str], bool]]:
+    """Markdown split into ``(lines, in_fence)`` blocks: a blank line, a heading, a fenced
+    code block's inner lines (the fence lines are blocks of their own), a paragraph, or a
+    list item with everything indented under it (fenced code and blank lines included)."""
+    blocks: list[tuple[list[str], bool]] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.lstrip().startswith(("```", "~~~")):
+            j = i + 1
+            while j < len(lines) and not lines[j].lstrip().startswith(("```", "~~~")):
+                j += 1
+            blocks.append(([line], False))
+            blocks.append((lines[i + 1 : j], True))
+            if j < len(lines):
+                blocks.append(([lines[j]], False))
+            i = j + 1
             continue
-        listed = fence or re.match(r"^\s*[-*+]\s", line)
-        if listed and not fence_line and any(n in line for n in names):
+        item = _LIST_ITEM.match(line)
+        if item:
+            j, fence = i + 1, False
+            while j < len(lines):
+                nxt = lines[j]
+                if fence or not nxt.strip() or _indent(nxt) > len(item.group(1)):
+                    fence ^= nxt.lstrip().startswith(("```", "~~~"))
+                    j += 1
+                    continue
+                break
+            while j > i + 1 and not lines[j - 1].strip():
+                j -= 1  # trailing blank lines belong to what follows
+            blocks.append((lines[i:j], False))
+            i = j
             continue
-        out.append(line)
-    return "".join(out)
+        if not line.strip() or line.startswith("#"):
+            blocks.append(([line], False))
+            i += 1
+            continue
+        j = i + 1
+        while (
+            j < len(lines)
+            and lines[j].strip()
+            and not lines[j].startswith("#")
+            and not _LIST_ITEM.match(lines[j])
+            and not lines[j].lstrip().startswith(("```", "~~~"))
+        ):
+            j += 1
+        blocks.append((lines[i:j], False))
+        i = j
+    return blocks
 
 
-def _basename(path: str) -> str:
-    """``scripts/new_analysis.py`` -> ``new_analysis.py``; ``src/project/fork/`` -> ``fork/``."""
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    return f"{name}/" if path.endswith("/") else name
-
-
-def mentions(text: str, paths: tuple[str, ...]) -> list[str]:
-    """The ``paths`` whose file or folder name ``text`` still contains."""
-    return [p for p in paths if _basename(p) in text]
+def _drop_from_lists(line: str, names: tuple[str, ...]) -> str:
+    """``a.py, b.py, benchmark.py`` without ``benchmark.py`` (and its comma)."""
+    for name in names:
+        item = rf"`?{re.escape(name)}`?"
+        line = re.sub(rf",\s*{item}(?=\s*$|\s*[,)])", "", line)
+        line = re.sub(rf"(?<=[\s:(]){item},\s*", "", line)
+    return line

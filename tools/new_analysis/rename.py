@@ -167,7 +167,7 @@ def find_leftovers(root: Path, files: list[str], names: Names) -> list[str]:
     if (root / "src" / names.old_package).exists():
         found.append(f"src/{names.old_package}: the old package folder is still there")
     for rel in files:
-        text = _read_text(root / rel)
+        text = read_text(root / rel)
         if text is None:
             continue
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -229,7 +229,7 @@ def _pyproject_leftovers(text: str, names: Names) -> list[str]:
     return found
 
 
-def _read_text(path: Path) -> str | None:
+def read_text(path: Path) -> str | None:
     """The file's text, or ``None`` for a binary (NUL bytes or not UTF-8) or unreadable file."""
     try:
         data = path.read_bytes()
