@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all test-slow lint format clean-runs help
+.PHONY: demo test test-all test-slow lint format clean-runs help system-packages
 
 help:
 	@echo "make demo | make test | make test-all | make lint | make format"
@@ -27,13 +27,27 @@ demo: $(STAMP)
 	$(BIN)/python -m project.inference exported/mlp data/heldout.parquet --out data/heldout-scores.parquet
 	$(BIN)/python scripts/benchmark.py inference exported/mlp
 
-test: $(STAMP)
+# System packages the tests use beside the Python ones, installed with apt-get when missing:
+# OpenBLAS, which the C++ that SOFIE generates calls (tests/test_sofie.py), and Chromium, which
+# loads Model Explorer's page (tests/test_visualize.py). Without root or apt-get it says what
+# is missing and goes on.
+SYSTEM_PACKAGES := libopenblas-dev chromium
+system-packages:
+	@need=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
+	if [ -z "$$need" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "system-packages: missing$$need; install them as root (apt-get install$$need)" >&2; exit 0; fi; \
+	echo "system-packages: installing$$need"; export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q --no-install-recommends $$need >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$need >/dev/null; }
+
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) system-packages
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
