@@ -434,6 +434,7 @@ for name in ("tth-classifier", "pythia8mc", "fastjet"):
         ({"package": "hydra"}, "would shadow the dependency 'hydra'"),
         ({"package": "json"}, "standard-library module"),
         ({"package": "tests"}, "is a folder of the repository"),
+        ({"package": "tools"}, "is a folder of the repository"),
         ({"dist_name": "tth classifier!"}, "not valid (PEP 508)"),
         ({"dist_name": "hep_ml.template"}, "is the template's own"),
         ({"author": "nobody"}, "must look like 'A. Physicist <"),

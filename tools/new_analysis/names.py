@@ -54,7 +54,7 @@ DEPENDENCY_IMPORT_NAMES = frozenset(
 # Top-level folders of the repository: a package of that name would be shadowed by (or
 # shadow) the folder when tests run from the repository root.
 REPOSITORY_FOLDERS = frozenset(
-    {"configs", "cpp", "data", "docs", "exported", "logs", "scripts", "src", "tests"}
+    {"configs", "cpp", "data", "docs", "exported", "logs", "scripts", "src", "tests", "tools"}
 )
 
 _DIST_RE = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
