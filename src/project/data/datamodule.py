@@ -14,6 +14,7 @@ from project.contract import LOG_FLOOR, ContractError, InputContract
 from project.data.batching import EpochSampler, SoABatchLoader, SoATensors
 from project.data.columnar import ColumnarData, gather_objects
 from project.data.expressions import TableSpec
+from project.data.reweighting import ReweightConfig, Reweighting, fit_reweighting
 from project.data.sources import Source, load
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ class SoADataModule(L.LightningDataModule):
     weight
         Expression for each row's event weight over the source's columns, for instance
         ``genWeight * xsec / sum_w``; ``None`` trains unweighted. Negative weights are allowed.
+    reweight
+        Kinematic reweighting (``project.data.reweighting``: variables, bins, target,
+        max_weight, normalise), fitted on the training split and multiplying the event weights
+        of the splits it names; ``None``: none.
     nan_policy
         ``raise`` (NaN or Inf in a feature, target or weight is an error naming the file and
         column) or ``drop`` (those rows are dropped and counted in the log).
@@ -100,6 +105,7 @@ class SoADataModule(L.LightningDataModule):
         source: Source,
         contract: Mapping[str, Any] | InputContract,
         weight: str | None = None,
+        reweight: Mapping[str, Any] | None = None,
         nan_policy: str = "raise",
         split: Sequence[float] = (0.7, 0.15, 0.15),
         seed: int = 42,
@@ -131,6 +137,12 @@ class SoADataModule(L.LightningDataModule):
         self.contract: InputContract | None = None
         self.splits: dict[str, ColumnarData] = {}
         self._tensors: dict[str, SoATensors] = {}
+        # Checked here, before any data is read: a variable missing from the contract or bad
+        # bins fail at once.
+        self.reweight = (
+            None if reweight is None else ReweightConfig.from_dict(reweight, self.raw_contract)
+        )
+        self.reweighting: Reweighting | None = None
 
     def prepare_data(self) -> None:
         """Let a generating source write its cache once (rank zero), before ``setup``."""
@@ -160,6 +172,14 @@ class SoADataModule(L.LightningDataModule):
                     f"{list(self.split)}); use more data or other fractions"
                 )
             self.splits[name] = data.take(rows)
+        if self.reweight is not None:
+            self.reweighting = fit_reweighting(
+                self.splits["train"], self.raw_contract, self.reweight
+            )
+            for name in self.reweight.splits:
+                self.splits[name] = self.reweighting.apply(self.splits[name])
+            # In the checkpoint beside the model's hyperparameters (datamodule_hyper_parameters).
+            self.save_hyperparameters({"reweighting": self.reweighting.to_dict()})
         self.contract = fit_standardizer(self.splits["train"], self.raw_contract)
         self._tensors = {k: SoATensors(v, self.contract) for k, v in self.splits.items()}
 
