@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from project.contract import MANIFEST_SCHEMA_FILE, MANIFEST_VERSION, OFFSETS_RULE, InputContract
 from project.data.columnar import ColumnarData
 from project.data.sample import SAMPLE_FILE, read_sample
-from project.deploy import formats
+from project.deploy import formats, triton
 from project.deploy.graph import CheckpointError, LoadedCheckpoint, load_checkpoint
 from project.deploy.manifest import (
     MANIFEST_FILE,
@@ -36,14 +36,18 @@ from project.deploy.parity import (
     format_failures,
     format_table,
 )
-from project.inference.backends import FORMATS
 from project.utils import atomic_write_text, follow_umask, sha256_file
 
 FILES = {
     "torchscript": "model{suffix}.ts",
     "aoti": "model{suffix}.pt2",
     "onnx": "model{suffix}.onnx",
+    # model.pt2 is AOTInductor's package; the torch.export program is saved beside it.
+    "exported_program": "program{suffix}.pt2",
 }
+
+
+REPO = Path(__file__).resolve().parents[3]  # the checkout whose git state is the provenance
 
 
 class ExportFailed(RuntimeError):
@@ -146,10 +150,15 @@ def _export_one(
     graph = loaded.graph.to(device)
     if fmt == "torchscript":
         return formats.export_torchscript(graph, example, path)
+    if fmt == "exported_program":
+        return formats.save_program(graph, example, loaded.contract, path)
     if fmt == "aoti":
         program = formats.export_program(graph, example, loaded.contract)
-        return formats.export_aoti(program, path, device, cfg.aoti.cpp_threads)
-    return formats.export_onnx(graph, example, loaded.contract, path, cfg.onnx.opset)
+        return formats.export_aoti(
+            program, path, device, cfg.aoti.cpp_threads, contract=loaded.contract
+        )
+    metadata = formats.onnx_metadata(loaded.contract, cfg.parity.tolerance.onnx, provenance(REPO))
+    return formats.export_onnx(graph, example, loaded.contract, path, cfg.onnx.opset, metadata)
 
 
 def _publish(tmp_dir: Path, target: Path, overwrite: bool) -> None:
@@ -168,9 +177,9 @@ def _publish(tmp_dir: Path, target: Path, overwrite: bool) -> None:
 
 def run_export(cfg: DictConfig) -> ExportResult:
     """Export the run the config names; see ``configs/export.yaml`` for the options."""
-    unknown = [f for f in cfg.formats if f not in FORMATS]
+    unknown = [f for f in cfg.formats if f not in FILES]
     if unknown or not cfg.formats:
-        raise ValueError(f"unknown export formats {unknown or '[]'}; choose from {list(FORMATS)}")
+        raise ValueError(f"unknown export formats {unknown or '[]'}; choose from {list(FILES)}")
     devices = _devices(cfg.devices if isinstance(cfg.devices, str) else list(cfg.devices))
     run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else find_run_dir(Path(cfg.paths.log_dir))
     ckpt_path, recorded_hash = find_checkpoint(run_dir, str(cfg.ckpt))
@@ -333,11 +342,17 @@ def _export_into(
             "checkpoint_sha256": loaded.sha256,
             "net": loaded.net_config,
         },
-        "provenance": provenance(Path(__file__).resolve().parents[3]),
+        "provenance": provenance(REPO),
         "allow_partial": bool(cfg.allow_partial),
         "failed_artifacts": [f"{e['format']}/{e['device']}" for e in artifacts if not e["passed"]],
     }
     manifest["provenance"]["cpu_isa"] = formats.cpu_isa()
+    if cfg.get("triton"):
+        golden_by_name = {k: a for k, (_, a) in golden_arrays.items()}
+        example = _example(rows, contract, "cpu")
+        manifest["triton"] = triton.write_repository(
+            tmp_dir, name, loaded, example, golden_by_name, cfg.parity.tolerance
+        )
     validate_manifest(manifest)
     text = json.dumps(manifest, indent=2) + "\n"
     atomic_write_text(tmp_dir / MANIFEST_FILE, text)

@@ -1,11 +1,19 @@
-"""Exporters: the deploy graph to TorchScript, AOTInductor and ONNX, each with dynamic
-``batch`` and ``n_total`` dimensions that are checked in the saved artifact."""
+"""Exporters: the deploy graph to TorchScript, AOTInductor, ONNX and the ``torch.export``
+program itself, each with dynamic ``batch`` and ``n_<collection>`` dimensions that are checked
+in the saved artifact.
+
+Dimension names are plain identifiers in every format (``batch``, ``batch_plus_1``,
+``n_<collection>``; an intermediate ``64*batch`` becomes ``batch_times_64``): code generators
+such as SOFIE write them into C++ as variable names.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +21,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from project.contract import InputContract
+from project.contract import BATCH_DIM, OFFSETS_DIM, InputContract
 from project.deploy.graph import DeployGraph
 
 
@@ -63,6 +71,39 @@ def export_program(
     return program
 
 
+def save_program(
+    graph: DeployGraph, example: tuple[torch.Tensor, ...], contract: InputContract, path: Path
+) -> dict:
+    """Save the ``torch.export`` program (``torch.export.save``): the graph that AOTInductor
+    and ONNX are lowered from, and what Model Explorer and other lowerings read."""
+    program = export_program(graph, example, contract)
+    torch.export.save(program, str(path))
+    return {"range_constraints": program_dims(program, contract)}
+
+
+def program_dims(
+    program: torch.export.ExportedProgram, contract: InputContract
+) -> dict[str, dict[str, str]]:
+    """Each input dimension of ``contract.input_dims`` with the program's own symbol for it
+    (``s77``, ``s77 + 1``: torch names them) and its range."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    user_inputs = list(program.graph_signature.user_inputs)
+    ranges = {str(k): v for k, v in program.range_constraints.items()}
+    dims: dict[str, dict[str, str]] = {}
+    for name, user_input in zip(contract.input_names, user_inputs, strict=True):
+        symbol = str(placeholders[user_input].meta["val"].shape[0])
+        found = ranges.get(symbol)
+        dims.setdefault(
+            contract.input_dims[name],
+            {
+                "symbol": symbol,
+                "min": str(found.lower) if found is not None else "",
+                "max": str(found.upper) if found is not None else "",
+            },
+        )
+    return dims
+
+
 def check_program_dims(program: torch.export.ExportedProgram, contract: InputContract) -> None:
     """Every input's first dimension must be symbolic in the exported program."""
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
@@ -76,7 +117,12 @@ def check_program_dims(program: torch.export.ExportedProgram, contract: InputCon
 
 
 def export_aoti(
-    program: torch.export.ExportedProgram, path: Path, device: str, cpp_threads: int = 1
+    program: torch.export.ExportedProgram,
+    path: Path,
+    device: str,
+    cpp_threads: int = 1,
+    *,
+    contract: InputContract,
 ) -> dict:
     """Compile an AOTInductor package (``.pt2``) for ``device``.
 
@@ -95,9 +141,7 @@ def export_aoti(
         info["cpu_isa"] = cpu_isa()
     else:
         info["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    info["range_constraints"] = {
-        str(k): [str(v.lower), str(v.upper)] for k, v in program.range_constraints.items()
-    }
+    info["range_constraints"] = program_dims(program, contract)
     return info
 
 
@@ -117,11 +161,13 @@ def export_onnx(
     contract: InputContract,
     path: Path,
     opset: int = 18,
+    metadata: dict[str, str] | None = None,
 ) -> dict:
     """Export with the ``torch.export``-based ONNX exporter and check the saved model.
 
-    ``onnx.checker`` validates the graph; every input and output must carry a symbolic
-    (``dim_param``) first dimension.
+    Every dimension name is made a plain identifier (``identifier_dims``), ``metadata`` goes
+    into the model's ``metadata_props`` (see ``onnx_metadata``), ``onnx.checker`` validates the
+    graph, and every input and output must carry a symbolic (``dim_param``) first dimension.
     """
     import onnx
 
@@ -141,7 +187,11 @@ def export_onnx(
             external_data=False,
             verbose=False,
         )
-    onnx_program.save(str(path))
+    model = onnx_program.model_proto
+    renamed = identifier_dims(model)
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     for value in list(model.graph.input) + list(model.graph.output):
@@ -154,4 +204,70 @@ def export_onnx(
         "dim_params": {
             v.name: v.type.tensor_type.shape.dim[0].dim_param for v in model.graph.input
         },
+        "renamed_dims": renamed,
     }
+
+
+def dim_identifier(expr: str) -> str:
+    """A plain identifier for a symbolic dimension that the exporter named by an expression:
+    ``batch + 1`` -> ``batch_plus_1`` (``OFFSETS_DIM``), ``n_part + 1`` -> ``n_part_plus_1``,
+    ``64*batch`` -> ``batch_times_64``; an identifier is returned as it is."""
+    if expr.isidentifier():
+        return expr
+    text = expr.replace(" ", "")
+    if text == f"{BATCH_DIM}+1":
+        return OFFSETS_DIM
+    if match := re.fullmatch(r"(\d+)\*([A-Za-z_]\w*)", text):
+        return f"{match[2]}_times_{match[1]}"
+    words = {"+": "_plus_", "-": "_minus_", "*": "_times_", "//": "_floordiv_", "/": "_div_"}
+    for sign, word in words.items():
+        text = text.replace(sign, word)
+    text = re.sub(r"\W", "_", text)
+    return text if text[0].isalpha() or text[0] == "_" else f"d_{text}"
+
+
+def identifier_dims(model: Any) -> dict[str, str]:
+    """Rename every expression-named ``dim_param`` of an ONNX model (inputs, outputs and
+    ``value_info``) to ``dim_identifier`` of it, in place; returns the renaming."""
+    renamed: dict[str, str] = {}
+    graph = model.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param and not dim.dim_param.isidentifier():
+                renamed[dim.dim_param] = dim.dim_param = dim_identifier(dim.dim_param)
+    return renamed
+
+
+def onnx_metadata(
+    contract: InputContract, tolerance: dict[str, float], provenance: dict[str, Any]
+) -> dict[str, str]:
+    """What a consumer with only ``model.onnx`` needs (ONNX Runtime in CMSSW or Athena), as
+    ``metadata_props``: text values, JSON where structured.
+
+    ``contract`` (the whole input contract with its constants, JSON), ``inputs`` (the graph's
+    inputs in call order with dtype, symbolic length and source expression, JSON),
+    ``offsets_rule``, ``classes`` and ``outputs`` (JSON lists), ``tolerance`` (this format's
+    parity tolerance, JSON), ``git_commit``, ``git_dirty``, ``torch``, ``onnx``,
+    ``onnxruntime`` and ``python`` (the exporting environment).
+    """
+    from project.contract import OFFSETS_RULE
+
+    dims, exprs, dtypes = contract.input_dims, contract.input_exprs, contract.input_dtypes
+    inputs = [
+        {"name": n, "position": i, "dtype": dtypes[n], "shape": [dims[n]], "expr": exprs[n]}
+        for i, n in enumerate(contract.input_names)
+    ]
+    meta = {
+        "contract": json.dumps(contract.to_dict(), sort_keys=True),
+        "inputs": json.dumps(inputs),
+        "offsets_rule": OFFSETS_RULE,
+        "classes": json.dumps(list(contract.classes)),
+        "outputs": json.dumps(
+            [{"name": o, "meaning": contract.output_meaning(o)} for o in contract.outputs]
+        ),
+        "tolerance": json.dumps({"abs": float(tolerance["abs"]), "rel": float(tolerance["rel"])}),
+    }
+    for key in ("git_commit", "git_dirty", "torch", "onnx", "onnxruntime", "python"):
+        value = provenance.get(key)
+        meta[key] = json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+    return meta

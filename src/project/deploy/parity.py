@@ -68,11 +68,35 @@ def _without_objects(data: ColumnarData, rows: np.ndarray) -> ColumnarData:
     return ColumnarData(data.flat, jagged, data.labels, data.source)
 
 
+# Objects before and after a view's rows in its field arrays (``offsets_view``): large finite
+# values, so that reading one of them would change the outputs.
+VIEW_PADDING = (5, 3)
+VIEW_FILL = 1.0e6
+
+
+def offsets_view(case: Case, contract: InputContract) -> Case:
+    """The same rows as ``case`` handed over as a framework's view of a larger collection: each
+    collection's offsets start at ``VIEW_PADDING[0]``, and its field arrays hold other objects
+    before and after the rows' own (``contract.OFFSETS_RULE``). Every consumer must give the
+    same outputs as for ``case``."""
+    before, after = VIEW_PADDING
+    view = list(case)
+    pos = len(contract.flat)
+    for coll in contract.jagged:
+        view[pos] = case[pos] + before
+        for j in range(pos + 1, pos + 1 + len(coll.fields)):
+            pad = np.full(before + after, VIEW_FILL, dtype=case[j].dtype)
+            view[j] = np.concatenate([pad[:before], case[j], pad[before:]])
+        pos += 1 + len(coll.fields)
+    return view
+
+
 def build_cases(
     rows: ColumnarData, contract: InputContract, batch_sizes: list[int], rowwise: int
 ) -> tuple[dict[str, Case], dict[str, int]]:
     """Parity inputs from real rows: each batch size (rows repeated if there are too few),
-    rows with zero objects, a batch with no objects at all, and ``rowwise`` single rows.
+    rows with zero objects, a batch with no objects at all, a view of a larger collection
+    (``offsets_view``), and ``rowwise`` single rows.
 
     Returns the cases and the batch size of each.
     """
@@ -90,6 +114,8 @@ def build_cases(
         none = rows.take(np.arange(3) % n)
         cases["no_objects"] = _rows_as_case(_without_objects(none, np.arange(3)), contract)
         sizes["no_objects"] = 3
+        cases["offsets_view"] = offsets_view(_rows_as_case(some, contract), contract)
+        sizes["offsets_view"] = 8
     for i in range(min(rowwise, n)):
         cases[f"row{i}"] = _rows_as_case(rows.take(np.array([i])), contract)
         sizes[f"row{i}"] = 1
@@ -227,13 +253,14 @@ def compare(
 
 def format_table(results: list[ParityResult]) -> str:
     """The parity table as fixed-width text."""
-    head = f"{'format':<12}{'device':<7}{'opt':<5}{'batch sizes':<26}{'max abs':>10}{'max rel':>10}{'row/batch':>11}{'load s':>8}  verdict"
+    width = max([11, *(len(r.format) for r in results)]) + 1
+    head = f"{'format':<{width}}{'device':<7}{'opt':<5}{'batch sizes':<26}{'max abs':>10}{'max rel':>10}{'row/batch':>11}{'load s':>8}  verdict"
     lines = [head, "-" * len(head)]
     for r in results:
         fmt_num = lambda v: "-" if v is None else f"{v:.1e}"  # noqa: E731
         sizes = ",".join(map(str, r.batch_sizes))
         lines.append(
-            f"{r.format:<12}{r.device:<7}{(r.optimization or '-'):<5}{sizes:<26}{fmt_num(r.max_abs):>10}"
+            f"{r.format:<{width}}{r.device:<7}{(r.optimization or '-'):<5}{sizes:<26}{fmt_num(r.max_abs):>10}"
             f"{fmt_num(r.max_rel):>10}{fmt_num(r.rowwise_max_abs):>11}"
             f"{'-' if r.load_seconds is None else f'{r.load_seconds:.2f}':>8}  "
             + ("PASS" if r.passed else f"FAIL: {(r.error or '').splitlines()[0][:80]}")
