@@ -18,14 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,pythia]"
 	@touch $(STAMP)
 
-# The whole path on the default data: generate and train, export with parity, then run the
-# standalone inference CLI on held-out jets (another Pythia seed) and benchmark it.
+# The whole path on the default data: generate and train, export with parity, benchmark the
+# standalone inference runtime, then score held-out jets (another Pythia seed) with the predict
+# job (data/heldout-scores/heldout_scores.parquet).
 demo: $(STAMP)
 	$(BIN)/python scripts/train.py experiment=mlp
 	$(BIN)/python scripts/export.py name=mlp overwrite=true
 	$(BIN)/python scripts/generate.py data.source.seed=7 data.source.n_jets=2000 output=data/heldout.parquet
-	$(BIN)/python -m project.inference exported/mlp data/heldout.parquet --out data/heldout-scores.parquet
 	$(BIN)/python scripts/benchmark.py inference exported/mlp
+	$(BIN)/python scripts/predict.py export=exported/mlp files=data/heldout.parquet out=data/heldout-scores overwrite=true
 
 # System packages the tests use beside the Python ones, installed with apt-get when missing:
 # OpenBLAS, which the C++ that SOFIE generates calls (tests/test_sofie.py), and Chromium, which
