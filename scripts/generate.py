@@ -4,6 +4,8 @@ Examples::
 
     python scripts/generate.py                                       # the default Pythia jets
     python scripts/generate.py data.source.seed=7 data.source.n_jets=2000 output=data/heldout.parquet
+    python scripts/generate.py data=toy data.source.n_jets=12000000 +data.source.block_rows=100000 \
+        shards.dir=data/toy-big shards.size="200 MB"                # Parquet shards, any size
 
 Logic: ``project.data.generate``.
 """

@@ -10,55 +10,38 @@ import lightning as L
 import numpy as np
 import torch
 
-from project.contract import LOG_FLOOR, ContractError, InputContract
+from project.contract import InputContract
 from project.data.batching import EpochSampler, SoABatchLoader, SoATensors
-from project.data.columnar import ColumnarData, gather_objects
+from project.data.columnar import ColumnarData
 from project.data.expressions import TableSpec
-from project.data.reweighting import ReweightConfig, Reweighting, fit_reweighting
-from project.data.sources import Source, load
+from project.data.fitting import LabelCheck, StandardizerFit
+from project.data.reading import load_splits
+from project.data.reweighting import (
+    ReweightConfig,
+    ReweightFit,
+    Reweighting,
+    fit_reweighting,
+    reweighting_from_dict,
+)
+from project.data.sources import Source
+from project.data.splitting import SPLITS, Splitting, split_rows
+from project.data.stream_index import StreamIndex, index_stream
+from project.data.stream_loader import StreamDataset, StreamLoader, read_head
+from project.data.streaming import StreamSettings, buffer_rows, decide
 
 log = logging.getLogger(__name__)
 
 
-def split_rows(n_rows: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-    """Split ``range(n_rows)`` into disjoint index arrays, one per fraction, shuffled by ``seed``.
-
-    The same ``(n_rows, fractions, seed)`` always gives the same split; each part is sorted so
-    evaluation batches keep the source's row order.
-    """
-    fractions = np.asarray(fractions, dtype=np.float64)
-    if fractions.ndim != 1 or np.any(fractions <= 0) or abs(fractions.sum() - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be positive and sum to 1, got {fractions.tolist()}")
-    order = np.random.default_rng(seed).permutation(n_rows)
-    bounds = np.round(np.cumsum(fractions) * n_rows).astype(np.int64)
-    bounds[-1] = n_rows
-    return [np.sort(part) for part in np.split(order, bounds[:-1])]
-
-
-def _moments(values: np.ndarray, log: bool) -> tuple[float, float]:
-    values = values.astype(np.float64)
-    if log:
-        values = np.log(np.maximum(values, LOG_FLOOR))
-    if len(values) == 0:
-        return 0.0, 1.0
-    scale = float(values.std())
-    return float(values.mean()), scale if np.isfinite(scale) and scale > 1e-12 else 1.0
+__all__ = ["SoADataModule", "check_labels", "fit_standardizer", "split_rows"]
 
 
 def fit_standardizer(data: ColumnarData, contract: InputContract) -> InputContract:
     """Fit mean and scale of every feature and regression target on ``data`` (the training
     split) and return the fitted contract. Jagged fields are fitted on the objects the model
-    sees (the first ``max_length`` of each row)."""
-    flat = {f.name: _moments(data.flat[f.name], f.transform == "log") for f in contract.flat}
-    jagged = {}
-    for coll in contract.jagged:
-        src = data.jagged[coll.name]
-        _, seen = gather_objects(src.offsets, np.arange(len(data)), coll.max_length)
-        jagged[coll.name] = {
-            f.name: _moments(src.fields[f.name][seen], f.transform == "log") for f in coll.fields
-        }
-    targets = {t.name: _moments(data.targets[t.name], False) for t in contract.regression}
-    return contract.with_constants(flat, jagged, targets)
+    sees (the first ``max_length`` of each row); see ``project.data.fitting``."""
+    fit = StandardizerFit(contract)
+    fit.update(data)
+    return fit.result()
 
 
 class SoADataModule(L.LightningDataModule):
@@ -98,6 +81,25 @@ class SoADataModule(L.LightningDataModule):
         Host batches formed ahead in a background thread when the data is not resident.
     pin_memory
         Pin host batches for asynchronous copies; ``None`` pins whenever training on a GPU.
+    split_by, split_ids
+        How rows are assigned to the splits: ``rows`` (a permutation of the loaded table's
+        rows, in memory only), ``hash`` (a hash of the identifier columns ``split_ids``) or
+        ``file`` (whole files); see ``project.data.splitting``.
+    stream
+        Stream the data in chunks instead of loading it: ``True``, ``False`` or ``"auto"``
+        (when the table would not fit ``memory_budget``); see ``project.data.streaming``.
+    memory_budget
+        Bytes the data may take (a number, or text such as ``"8 GB"``); ``None``: half the
+        machine's RAM. Under DDP, the budget of one rank.
+    shuffle_buffer, fit_rows, workers
+        Streaming: rows mixed at once; training rows the constants (and the reweighting) are
+        fitted on (``None``: all); DataLoader worker processes (0: none).
+    on_bad_file
+        ``raise`` (an unreadable file is an error naming it and the entry range) or ``skip``
+        (it is left out, logged and listed in ``report()``).
+    cache_dir
+        Where streaming keeps its indexing pass (the run directory), so that a resumed run
+        does not redo it; ``None``: nowhere.
     """
 
     def __init__(
@@ -116,6 +118,15 @@ class SoADataModule(L.LightningDataModule):
         resident_fraction: float = 0.25,
         prefetch: int = 2,
         pin_memory: bool | None = None,
+        split_by: str = "rows",
+        split_ids: Sequence[str] = ("entry",),
+        stream: bool | str = "auto",
+        memory_budget: int | float | str | None = None,
+        shuffle_buffer: int = 100_000,
+        fit_rows: int | None = None,
+        workers: int = 1,
+        on_bad_file: str = "raise",
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -143,6 +154,13 @@ class SoADataModule(L.LightningDataModule):
             None if reweight is None else ReweightConfig.from_dict(reweight, self.raw_contract)
         )
         self.reweighting: Reweighting | None = None
+        self.splitting = Splitting(split_by, self.split, self.seed, tuple(split_ids))
+        self.streaming = StreamSettings(
+            stream, memory_budget, shuffle_buffer, fit_rows, workers, on_bad_file, cache_dir
+        )
+        # Set by ``setup`` when the data streams: the indexing pass's result.
+        self.stream_index: StreamIndex | None = None
+        self.skipped_files: dict[str, str] = {}
 
     def prepare_data(self) -> None:
         """Let a generating source write its cache once (rank zero), before ``setup``."""
@@ -150,28 +168,34 @@ class SoADataModule(L.LightningDataModule):
 
     def table_spec(self) -> TableSpec:
         """What the source is read into: the contract's columns, labels, targets, weights."""
-        return TableSpec(self.raw_contract, weight=self.weight, nan_policy=self.nan_policy)
+        return TableSpec(
+            self.raw_contract,
+            weight=self.weight,
+            ids=self.splitting.stored_ids,
+            nan_policy=self.nan_policy,
+        )
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, check against the contract, split and fit; idempotent."""
+        """Load (or index, when streaming), check against the contract, split and fit;
+        idempotent."""
         if self.contract is not None:
             return
-        data = load(self.source, self.table_spec())
-        if data.dropped:
-            log.warning(
-                f"{data.source}: {data.dropped} rows with NaN or Inf values dropped "
-                "(data.nan_policy=drop)"
-            )
-        check_labels(data, self.raw_contract)
-        names = ("train", "val", "test")
-        parts = split_rows(len(data), self.split, self.seed)
-        for name, rows in zip(names, parts, strict=True):
-            if len(rows) == 0:
-                raise ContractError(
-                    f"{data.source}: the {name} split is empty ({len(data)} rows, split "
-                    f"{list(self.split)}); use more data or other fractions"
-                )
-            self.splits[name] = data.take(rows)
+        spec = self.table_spec()
+        if decide(
+            self.source,
+            spec,
+            self.splitting,
+            self.streaming,
+            self.batch_size,
+            self.eval_batch_size,
+            self.prefetch,
+        ):
+            self._setup_stream(spec)
+            return
+        loaded = load_splits(
+            self.source, spec, self.raw_contract, self.splitting, self.streaming.on_bad_file
+        )
+        self.splits, self.skipped_files = loaded.splits, loaded.skipped
         if self.reweight is not None:
             self.reweighting = fit_reweighting(
                 self.splits["train"], self.raw_contract, self.reweight
@@ -182,6 +206,59 @@ class SoADataModule(L.LightningDataModule):
             self.save_hyperparameters({"reweighting": self.reweighting.to_dict()})
         self.contract = fit_standardizer(self.splits["train"], self.raw_contract)
         self._tensors = {k: SoATensors(v, self.contract) for k, v in self.splits.items()}
+
+    def _setup_stream(self, spec: TableSpec) -> None:
+        """Index the data (or read the index from ``cache_dir``) and take its constants."""
+        from lightning.pytorch.utilities import rank_zero_only
+
+        # The streaming pass fits the reweighting beside the standardisation, on the same rows.
+        fits = (
+            {}
+            if self.reweight is None
+            else {"reweighting": ReweightFit(self.raw_contract, self.reweight)}
+        )
+        index = index_stream(
+            self.source,
+            spec,
+            self.raw_contract,
+            self.splitting,
+            self.streaming,
+            fits=fits,
+            is_rank_zero=rank_zero_only.rank == 0,
+        )
+        self.stream_index, self.skipped_files = index, index.skipped
+        if self.reweight is not None:
+            self.reweighting = reweighting_from_dict(index.fitted["reweighting"], self.raw_contract)
+            self.save_hyperparameters({"reweighting": self.reweighting.to_dict()})
+        self.contract = index.contract
+
+    def head(self, split: str, n_rows: int) -> ColumnarData:
+        """The first ``n_rows`` rows of ``split`` in stored order (streamed or in memory),
+        with the reweighted weights where the reweighting applies."""
+        self.setup()
+        if self.stream_index is None:
+            data = self.splits[split]
+            return data.take(np.arange(min(n_rows, len(data))))
+        return read_head(
+            self.source,
+            self.table_spec(),
+            self.stream_index,
+            self.splitting,
+            split,
+            n_rows,
+            self.reweighting,
+        )
+
+    def report(self) -> dict[str, Any]:
+        """What the run's ``metrics.json`` says of the data: whether it streamed, the rows per
+        split, and the files left out (``on_bad_file=skip``) with the reason."""
+        self.setup()
+        if self.stream_index is None:
+            rows = {k: len(v) for k, v in self.splits.items()}
+        else:
+            rows = {k: int(self.stream_index.split_rows(k).sum()) for k in SPLITS}
+        skipped = [{"file": f, "reason": r} for f, r in self.skipped_files.items()]
+        return {"streaming": self.stream_index is not None, "rows": rows, "skipped_files": skipped}
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -203,8 +280,40 @@ class SoADataModule(L.LightningDataModule):
                 return tensors
         return tensors.to(device)
 
-    def _loader(self, name: str, shuffle: bool) -> SoABatchLoader:
+    def _stream_loader(self, name: str, shuffle: bool) -> StreamLoader:
+        rank, world = self._rank()
+        device = self._device()
+        workers = self.streaming.workers
+        dataset = StreamDataset(
+            self.source,
+            self.table_spec(),
+            self.stream_index,
+            name,
+            self.splitting,
+            self.batch_size if shuffle else self.eval_batch_size,
+            shuffle,
+            buffer_rows=self.streaming.shuffle_buffer // max(workers, 1),
+            drop_last=self.drop_last and shuffle,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            workers=workers,
+            reweighting=self.reweighting,
+        )
+        if shuffle:
+            log.info(
+                f"rank {rank}/{world}: {dataset.hi - dataset.lo} of {dataset.n_rows} training "
+                f"rows per epoch in {len(dataset)} batches, streamed by {max(workers, 1)} "
+                f"reader(s) with {buffer_rows(self.streaming, self.batch_size):,} buffered rows "
+                "each"
+            )
+        pin = self.pin_memory if self.pin_memory is not None else device.type == "cuda"
+        return StreamLoader(dataset, workers, pin_memory=pin, prefetch=self.prefetch)
+
+    def _loader(self, name: str, shuffle: bool) -> SoABatchLoader | StreamLoader:
         self.setup()
+        if self.stream_index is not None:
+            return self._stream_loader(name, shuffle)
         rank, world = self._rank()
         device = self._device()
         tensors = self._tensors[name] = self._place(self._tensors[name], device)
@@ -225,45 +334,27 @@ class SoADataModule(L.LightningDataModule):
             prefetch=self.prefetch if device.type != "cpu" else 0,
         )
 
-    def train_dataloader(self) -> SoABatchLoader:
+    def train_dataloader(self) -> SoABatchLoader | StreamLoader:
         """Shuffled training batches; under DDP each rank gets a disjoint shard per epoch."""
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> SoABatchLoader:
+    def val_dataloader(self) -> SoABatchLoader | StreamLoader:
         """Validation batches in stored order."""
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> SoABatchLoader:
+    def test_dataloader(self) -> SoABatchLoader | StreamLoader:
         """Test batches in stored order."""
         return self._loader("test", shuffle=False)
 
-    def predict_dataloader(self) -> SoABatchLoader:
+    def predict_dataloader(self) -> SoABatchLoader | StreamLoader:
         """Test batches, for ``trainer.predict``."""
         return self._loader("test", shuffle=False)
 
 
 def check_labels(data: ColumnarData, contract: InputContract) -> None:
     """Labels must exist and lie in ``[0, n_classes)``, and every class must carry a positive
-    total weight; otherwise name the source and classes."""
-    if len(data) == 0:
-        raise ContractError(f"{data.source}: no rows (check the selection)")
-    if not contract.classes:
-        return
-    if data.labels is None:
-        raise ContractError(f"{data.source}: the source gives no labels; set its label expression")
-    bad = (data.labels < 0) | (data.labels >= contract.n_classes)
-    if bad.any():
-        found = sorted(set(np.unique(data.labels[bad]).tolist()))[:10]
-        raise ContractError(
-            f"{data.source}: labels {found} are outside 0..{contract.n_classes - 1} for classes "
-            f"{list(contract.classes)}; fix the label expression or the contract's classes"
-        )
-    weights = np.ones(len(data)) if data.weights is None else data.weights.astype(np.float64)
-    totals = np.bincount(data.labels, weights=weights, minlength=contract.n_classes)
-    for k, total in enumerate(totals):
-        if not total > 0:
-            raise ContractError(
-                f"{data.source}: class {contract.classes[k]!r} has total weight {total:.6g} "
-                f"after the selection ({int(np.sum(data.labels == k))} rows); a class needs rows "
-                "with a positive sum of weights: check the label, selection and weight expressions"
-            )
+    total weight; otherwise name the source and classes (``project.data.fitting.LabelCheck``)."""
+    labels = LabelCheck(contract)
+    if len(data):
+        labels.update(data)
+    labels.check(data.source)

@@ -136,6 +136,11 @@ class Expression:
                     "numbers, operators and the functions " + ", ".join(sorted(FUNCTIONS))
                 )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled code cannot be pickled (DataLoader workers started by ``spawn`` get a
+        # pickled copy); it is compiled again on first use.
+        return {**self.__dict__, "_code": None}
+
     def columns(self, available: Collection[str], where: str, kind: str = "column") -> list[str]:
         """The stored columns this expression reads, checked against ``available``.
 
@@ -589,11 +594,18 @@ def assemble(
     """
     parts = list(parts)
     before = sum(n for _, n in parts)
-    if not parts or before == 0:
-        raise ContractError(f"{source}: no {spec.unit} to read (empty files or trees)")
+    check_kept(before, sum(len(p) for p, _ in parts), spec, source)
     data = ColumnarData.concatenate([p for p, _ in parts])
     data.source = source
-    if len(data) == 0:
+    return data.validate()
+
+
+def check_kept(before: int, kept: int, spec: TableSpec, source: str) -> None:
+    """Raise ``ContractError`` when ``source`` had no rows (``before``, rows before the
+    selection) or the selection and NaN policy kept none (``kept``)."""
+    if before == 0:
+        raise ContractError(f"{source}: no {spec.unit} to read (empty files or trees)")
+    if kept == 0:
         what = (
             f"selection = {spec.selection.text!r}" if spec.selection is not None else "the NaN policy"
         )
@@ -601,7 +613,6 @@ def assemble(
             f"{source}: {what} keeps none of the {before} {spec.unit}; loosen it or check the "
             "columns it uses"
         )
-    return data.validate()
 
 
 def resolve_files(files: str | Sequence[str], kind: str) -> list[str]:

@@ -269,6 +269,24 @@ class Reweighting:
         }
 
 
+def reweighting_from_dict(d: Mapping[str, Any], contract: InputContract) -> Reweighting:
+    """A fitted reweighting from its plain-dict form (``Reweighting.to_dict``)."""
+    classes = tuple(d["classes"])
+    keys = ("variables", "bins", "target", "max_weight", "normalise", "splits")
+    config = ReweightConfig.from_dict({k: d[k] for k in keys}, contract)
+
+    def stacked(key: str) -> np.ndarray:
+        return np.asarray([d[key][c] for c in classes], dtype=np.float64)
+
+    return Reweighting(
+        config, classes, stacked("histograms_before"), np.asarray(d["target_density"]),
+        stacked("weights"), stacked("histograms_after"),
+        tuple(int(d["empty_bins"][c]) for c in classes),
+        tuple(int(d["clipped_bins"][c]) for c in classes),
+        tuple(int(d["rows_outside_range"][c]) for c in classes),
+    )  # fmt: skip
+
+
 def _bin_index(
     data: ColumnarData, config: ReweightConfig
 ) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
@@ -306,80 +324,120 @@ def fit_reweighting(
         For a bad config, or a class whose total weight after reweighting is not positive
         (negative weights dominating its bins): no weight can then make it count.
     """
-    if not isinstance(config, ReweightConfig):
-        config = ReweightConfig.from_dict(config, contract)
-    n_classes = contract.n_classes
-    shape = tuple(len(e) - 1 for e in config.edges)
-    weights = np.ones(len(data)) if data.weights is None else data.weights.astype(np.float64)
-    index, out_of_range = _bin_index(data, config)
-    labels = data.labels
-    cells = np.ravel_multi_index(index, shape) if len(data) else np.zeros(0, dtype=np.int64)
-    n_cells = int(np.prod(shape))
-    before = np.stack(
-        [np.bincount(cells[labels == k], weights[labels == k], n_cells) for k in range(n_classes)]
-    ).reshape((n_classes, *shape))
-    volume = np.ones(shape)
-    for axis, e in enumerate(config.edges):
-        widths = np.diff(np.asarray(e)).reshape([-1 if a == axis else 1 for a in range(len(shape))])
-        volume = volume * widths
+    fit = ReweightFit(contract, config)
+    fit.update(data)
+    return fit.result(data.source)
 
-    def density(h: np.ndarray) -> np.ndarray:
-        positive = np.clip(h, 0.0, None)
-        total = positive.sum()
-        return positive / (total * volume) if total > 0 else np.zeros_like(h)
 
-    if config.target == FLAT:
-        target = np.full(shape, 1.0 / volume.sum())
-    else:
-        target = density(before[contract.classes.index(config.target)])
-    factors = np.zeros((n_classes, *shape))
-    empty, clipped = [], []
-    for k in range(n_classes):
-        own = density(before[k])
-        has_target = target > 0
-        is_empty = has_target & (own <= 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(own > 0, target / own, 0.0)
-        too_large = ratio > config.max_weight
-        ratio = np.where(is_empty | too_large, config.max_weight, ratio)
-        factors[k] = ratio
-        empty.append(int(is_empty.sum()))
-        clipped.append(int((too_large & ~is_empty).sum()))
-    ratio_rows = factors[(labels, *index)]
-    totals_before = np.bincount(labels, weights, n_classes)
-    totals = np.bincount(labels, weights * ratio_rows, n_classes)
-    for k, total in enumerate(totals):
-        if not total > 0:
-            raise ContractError(
-                f"{data.source}: class {contract.classes[k]!r} has total weight {total:.6g} after "
-                f"reweighting in {list(config.variables)} (negative event weights dominate its "
-                "bins); use coarser bins (data.reweight.bins) or check the weight expression"
-            )
-    if config.normalise == "equal_class_totals":
-        norms = totals_before.sum() / n_classes / totals
-    elif config.normalise == "class_totals":
-        norms = totals_before / totals
-    else:
-        norms = np.ones(n_classes)
-    factors = factors * norms.reshape((n_classes,) + (1,) * len(shape))
-    final = weights * factors[(labels, *index)]
-    after = np.stack(
-        [np.bincount(cells[labels == k], final[labels == k], n_cells) for k in range(n_classes)]
-    ).reshape((n_classes, *shape))
-    outside = tuple(int(np.sum(out_of_range & (labels == k))) for k in range(n_classes))
-    fitted = Reweighting(
-        config, tuple(contract.classes), before, target, factors, after,
-        tuple(empty), tuple(clipped), outside,
-    )  # fmt: skip
-    for k, name in enumerate(contract.classes):
-        say = log.warning if empty[k] else log.info
-        say(
-            f"reweighting {name!r} in {list(config.variables)} to {config.target}: "
-            f"{empty[k]} of {n_cells} bins empty (clipped at max_weight={config.max_weight:g}), "
-            f"{clipped[k]} more clipped, {outside[k]} rows outside the bin range; total weight "
-            f"{totals_before[k]:.6g} -> {float(after[k].sum()):.6g}"
+class ReweightFit:
+    """The reweighting fitted part by part (the streaming pass's chunks, or one whole table).
+
+    Each class's weighted histogram and its rows outside the bin range are summed over the
+    parts; everything else follows from them (a class's total weight is the sum of its
+    histogram, after reweighting the sum of histogram times factor), so a fit over parts and
+    one over their joined table agree up to rounding.
+    """
+
+    def __init__(self, contract: InputContract, config: ReweightConfig | Mapping[str, Any]) -> None:
+        if not isinstance(config, ReweightConfig):
+            config = ReweightConfig.from_dict(config, contract)
+        self.contract, self.config = contract, config
+        self.shape = tuple(len(e) - 1 for e in config.edges)
+        self.before = np.zeros((contract.n_classes, *self.shape))
+        self.outside = np.zeros(contract.n_classes, dtype=np.int64)
+
+    def update(self, data: ColumnarData) -> None:
+        """Add the rows of ``data`` (labels, event weights and the variables)."""
+        n_classes = self.contract.n_classes
+        weights = np.ones(len(data)) if data.weights is None else data.weights.astype(np.float64)
+        index, out_of_range = _bin_index(data, self.config)
+        labels = data.labels
+        cells = (
+            np.ravel_multi_index(index, self.shape) if len(data) else np.zeros(0, dtype=np.int64)
         )
-    return fitted
+        n_cells = int(np.prod(self.shape))
+        self.before += np.stack(
+            [
+                np.bincount(cells[labels == k], weights[labels == k], n_cells)
+                for k in range(n_classes)
+            ]
+        ).reshape((n_classes, *self.shape))
+        self.outside += np.bincount(labels[out_of_range], minlength=n_classes)
+
+    def result(self, source: str = "the training split") -> Reweighting:
+        """The fitted reweighting (``source`` names the data in errors)."""
+        contract, config, shape, before = self.contract, self.config, self.shape, self.before
+        n_classes = contract.n_classes
+        n_cells = int(np.prod(shape))
+        volume = np.ones(shape)
+        for axis, e in enumerate(config.edges):
+            widths = np.diff(np.asarray(e)).reshape(
+                [-1 if a == axis else 1 for a in range(len(shape))]
+            )
+            volume = volume * widths
+
+        def density(h: np.ndarray) -> np.ndarray:
+            positive = np.clip(h, 0.0, None)
+            total = positive.sum()
+            return positive / (total * volume) if total > 0 else np.zeros_like(h)
+
+        if config.target == FLAT:
+            target = np.full(shape, 1.0 / volume.sum())
+        else:
+            target = density(before[contract.classes.index(config.target)])
+        factors = np.zeros((n_classes, *shape))
+        empty, clipped = [], []
+        for k in range(n_classes):
+            own = density(before[k])
+            has_target = target > 0
+            is_empty = has_target & (own <= 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(own > 0, target / own, 0.0)
+            too_large = ratio > config.max_weight
+            ratio = np.where(is_empty | too_large, config.max_weight, ratio)
+            factors[k] = ratio
+            empty.append(int(is_empty.sum()))
+            clipped.append(int((too_large & ~is_empty).sum()))
+        totals_before = before.reshape(n_classes, -1).sum(axis=1)
+        totals = (before * factors).reshape(n_classes, -1).sum(axis=1)
+        for k, total in enumerate(totals):
+            if not total > 0:
+                raise ContractError(
+                    f"{source}: class {contract.classes[k]!r} has total weight {total:.6g} after "
+                    f"reweighting in {list(config.variables)} (negative event weights dominate "
+                    "its bins); use coarser bins (data.reweight.bins) or check the weight "
+                    "expression"
+                )
+        if config.normalise == "equal_class_totals":
+            norms = totals_before.sum() / n_classes / totals
+        elif config.normalise == "class_totals":
+            norms = totals_before / totals
+        else:
+            norms = np.ones(n_classes)
+        factors = factors * norms.reshape((n_classes,) + (1,) * len(shape))
+        after = before * factors
+        outside = tuple(int(n) for n in self.outside)
+        fitted = Reweighting(
+            config, tuple(contract.classes), before.copy(), target, factors, after,
+            tuple(empty), tuple(clipped), outside,
+        )  # fmt: skip
+        for k, name in enumerate(contract.classes):
+            say = log.warning if empty[k] else log.info
+            say(
+                f"reweighting {name!r} in {list(config.variables)} to {config.target}: "
+                f"{empty[k]} of {n_cells} bins empty (clipped at max_weight={config.max_weight:g}), "
+                f"{clipped[k]} more clipped, {outside[k]} rows outside the bin range; total weight "
+                f"{totals_before[k]:.6g} -> {float(after[k].sum()):.6g}"
+            )
+        return fitted
 
 
-__all__ = ["FLAT", "NORMALISATIONS", "ReweightConfig", "Reweighting", "fit_reweighting"]
+__all__ = [
+    "FLAT",
+    "NORMALISATIONS",
+    "ReweightConfig",
+    "ReweightFit",
+    "Reweighting",
+    "fit_reweighting",
+    "reweighting_from_dict",
+]

@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from project.data.sample import SAMPLE_FILE, write_sample
+from project.data.sample import DEFAULT_SAMPLE_ROWS, SAMPLE_FILE, write_sample
 from project.training.callbacks import EpochTimer
 from project.utils import atomic_write_text
 
@@ -82,14 +82,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir))
 
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    # A streaming run keeps its indexing pass in the run directory: a resumed run reads it.
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all", cache_dir=str(output_dir))
     # Fit the standardisation before the model exists: its constants are part of the model.
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = hydra.utils.instantiate(cfg.model, contract=datamodule.contract.to_dict())
     # Raw validation rows beside the checkpoints: the export reads them, not the training data.
     rank_zero_only(write_sample)(
-        datamodule.splits["val"], datamodule.contract, output_dir / SAMPLE_FILE
+        datamodule.head("val", DEFAULT_SAMPLE_ROWS), datamodule.contract, output_dir / SAMPLE_FILE
     )
 
     timer = EpochTimer()
@@ -120,6 +121,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "world_size": trainer.world_size,
+        # Whether the data streamed, the rows per split, and the files left out
+        # (data.on_bad_file=skip) with the reason.
+        "data": datamodule.report(),
         "cuda_graph_steps": getattr(model, "cuda_graph_steps", 0),
         "resumed_from": ckpt_path,
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),

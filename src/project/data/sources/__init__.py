@@ -79,11 +79,12 @@ def bind(source: Source, file: str, spec: TableSpec) -> Binding:
     return spec.bind(available, jagged, source.where(file), source.kind)
 
 
-def read_chunk(source: Source, chunk: Chunk, binding: Binding) -> tuple[ColumnarData, int]:
-    """Build one chunk's rows; an unreadable chunk is an ``UnreadableChunkError`` naming the
-    file and the entry range (the contract's own errors pass through)."""
+def read_arrays(source: Source, chunk: Chunk, columns: Sequence[str]) -> dict[str, Any]:
+    """The stored arrays of ``columns`` for one chunk; an unreadable chunk is an
+    ``UnreadableChunkError`` naming the file and the entry range (the contract's own errors
+    pass through)."""
     try:
-        arrays = source.read(chunk, binding.columns)
+        return source.read(chunk, columns)
     except ContractError:
         raise
     except Exception as err:
@@ -91,7 +92,11 @@ def read_chunk(source: Source, chunk: Chunk, binding: Binding) -> tuple[Columnar
             f"{chunk.describe()} cannot be read: {type(err).__name__}: {err}. The file is "
             "corrupt or truncated; replace it, or leave it out of the file list"
         ) from err
-    return binding.build(arrays, start=chunk.start)
+
+
+def read_chunk(source: Source, chunk: Chunk, binding: Binding) -> tuple[ColumnarData, int]:
+    """Build one chunk's rows (see ``read_arrays`` for an unreadable chunk)."""
+    return binding.build(read_arrays(source, chunk, binding.columns), start=chunk.start)
 
 
 def iter_parts(source: Source, spec: TableSpec) -> Iterator[tuple[ColumnarData, int]]:
@@ -125,5 +130,6 @@ __all__ = [
     "entry_ranges",
     "iter_parts",
     "load",
+    "read_arrays",
     "read_chunk",
 ]
