@@ -97,6 +97,14 @@ def export_model(ref: ExportRef) -> InferenceModel:
     return model
 
 
+def check_export(ref: ExportRef) -> str:
+    """Load and verify the export of ``ref`` in this process (once, see ``export_model``) and
+    name the artifact loaded; for ``Client.run`` on every worker, which can send back a name
+    but not a loaded model."""
+    model = export_model(ref)
+    return f"{model.backend}: {model.artifact}"
+
+
 @dataclass(frozen=True)
 class InputFile:
     """One input of the job: its path, ``root`` or ``parquet``, and the TTree asked for
@@ -183,9 +191,11 @@ def plan_file(
     source: Source
     tree = None
     if item.format == "root":
-        with open_tree(item.path, item.tree, choose_with="tree=<name>") as ttree:
-            # The path inside the file ("dir/Events"), without the leading "/" and the cycle.
-            tree = item.tree or ttree.object_path.strip("/").split(";")[0]
+        tree = item.tree
+        if tree is None:
+            with open_tree(item.path, None, choose_with="tree=<name>") as ttree:
+                # Its path in the file ("dir/Events"), without the leading "/" and the cycle.
+                tree = ttree.object_path.strip("/").split(";")[0]
         source = RootSource(item.path, tree, step_size=step_size)
     else:
         source = ParquetSource(item.path)
