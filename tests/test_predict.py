@@ -32,7 +32,7 @@ from project.predict.job import (
     prepare,
     settings_from_config,
 )
-from project.predict.tasks import ExportRef, export_model
+from project.predict.tasks import ExportRef, check_export, export_model
 
 NANOAOD = "nanoAOD_2015_CMS_Open_Data_ttbar.root"
 SELECTION = "Jet_pt > 20"
@@ -179,6 +179,43 @@ def test_apply_selection_leaves_the_other_jets_unscored_in_parquet(
     )
 
 
+def test_one_row_per_entry_with_a_jagged_collection(exported, tmp_path: Path) -> None:
+    """The toy jets MLP (one row per jet, a jagged constituent collection) scores its run's
+    validation sample: Parquet in the layout of data=jets (flat jet_* columns, list columns
+    part_*), as make demo scores the held-out jets."""
+    from project.data.sample import SAMPLE_FILE
+
+    jets_export = exported("mlp")
+    sample = (
+        Path(json.loads((jets_export / "manifest.json").read_text())["source"]["run_dir"])
+        / SAMPLE_FILE
+    )
+    table = pq.read_table(sample)
+    model = load(jets_export, "onnx")
+    columns = {name: table[name].to_numpy() for name in model.contract.flat_names}
+    for coll in model.contract.jagged:
+        lists = table[coll.field_input_names[0]].combine_chunks()
+        columns[coll.offsets_name] = lists.offsets.to_numpy().astype(np.int64)
+        for name in coll.field_input_names:
+            columns[name] = table[name].combine_chunks().flatten().to_numpy()
+    expected = model(columns)
+    for fmt in ("root", "parquet"):
+        report = predict(
+            _settings(jets_export, [sample], tmp_path / fmt, format=fmt, backend="onnx")
+        )
+        assert report.results[0].status == "written"
+        assert report.rows == table.num_rows
+    with uproot.open(tmp_path / "root" / "validation_sample_scores.root") as file:
+        friend = file["Events"].arrays(library="np")
+    parquet = pq.read_table(tmp_path / "parquet" / "validation_sample_scores.parquet")
+    # One score per event: no counter; no identifiers in the sample, so the entry number.
+    assert set(friend) == set(parquet.column_names) == {"entry", "prob_qcd", "prob_top"}
+    np.testing.assert_array_equal(friend["entry"], np.arange(table.num_rows))
+    for name in ("prob_qcd", "prob_top"):
+        np.testing.assert_array_equal(friend[name], parquet[name].to_numpy())
+        np.testing.assert_array_equal(friend[name], expected[name])
+
+
 def _read_all(path: Path) -> dict[str, np.ndarray]:
     with uproot.open(path) as file:
         arrays = file["Events"].arrays()
@@ -230,7 +267,7 @@ def test_an_export_failing_its_hashes_is_refused_on_every_worker(
     with pytest.raises(IntegrityError, match=r"model\.onnx"):
         predict(_settings(export, four_files, tmp_path / "out"))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-    refusals = local_client.run(export_model, good, on_error="return")
+    refusals = local_client.run(check_export, good, on_error="return")
     assert len(refusals) == 2
     for error in refusals.values():
         assert isinstance(error, IntegrityError)
