@@ -5,20 +5,19 @@
 >>> probs = model({"jet_pt": pt, ..., "part_offsets": offsets, "part_pt": part_pt, ...})
 >>> probs["prob_top"]                                 # (n_rows,) float32
 
-- Backends: ``load(dir, "torchscript" | "aoti" | "onnx")``; the default takes the first of
-  ``PREFERENCE`` (aoti, onnx, torchscript: fastest first, as measured) whose parity check
-  passed and that can run here. The artifact's sha256 is verified; failed parity is refused.
+- ``load(dir, "torchscript" | "aoti" | "onnx")``; the default takes the first of
+  ``PREFERENCE`` whose parity check passed and that can run here. The manifest is checked
+  against its hash and the schema; the artifact's and golden file's sha256 are verified;
+  files outside the export directory and failed parity are refused.
 - Inputs are Structure of Arrays (a mapping of column name to 1-D array, a pyarrow Table or
-  RecordBatch, an awkward record array), matched by the contract's names. Columns already of
-  the contract's dtype go to the backend without a copy; allowed conversions go into buffers
-  the model reuses. Outputs: ``{output name: (n_rows,) float32}``.
-- Threads: the single-threaded deployment policy is applied at load (``model.policy``,
-  ``model.threads``). One loaded model may be shared by many threads: each thread gets its own
-  buffers, and results do not depend on the number of threads.
-- ``python -m project.inference EXPORT_DIR INPUT --out OUTPUT`` scores a Parquet or ROOT file.
-  pyarrow and awkward are imported only when such inputs are used; a ROOT file is opened by
-  the data layer's ROOT source (uproot), so the runtime itself imports no training-side or
-  file-format package.
+  RecordBatch, an awkward record array), matched by the contract's names. Contiguous columns
+  of the contract's dtype go to the backend without a copy; allowed conversions go into
+  buffers the model reuses. Offsets may be a view of a larger collection
+  (``project.contract.OFFSETS_RULE``). Outputs: ``{output name: (n_rows,) float32}``.
+- Threads: the single-threaded deployment policy is applied at load. One loaded model may be
+  shared by many threads; results do not depend on their number.
+- The runtime imports nothing of the project but ``project.contract``; pyarrow and awkward
+  only when such inputs arrive. ``python -m project.inference`` is ``project.predict.cli``.
 """
 
 from project.inference.backends import FORMATS

@@ -1,4 +1,4 @@
-"""``python -m project.inference EXPORT_DIR INPUT --out OUTPUT``; see ``project.inference.cli``."""
+"""``python -m project.inference EXPORT_DIR INPUT --out OUTPUT``; see ``project.predict.cli``."""
 
 import sys
 

@@ -1,15 +1,12 @@
-"""Raw backends: one exported artifact, inputs in graph order, outputs in graph order.
-
-These are the thinnest possible wrappers around ``torch.jit.load``,
-``torch._inductor.aoti_load_package`` and ``onnxruntime.InferenceSession``. The export's parity
-check runs them in a child process; ``project.inference`` builds the SoA interface on top.
-Inputs and outputs are torch tensors (CPU or the artifact's device); tensors share memory
-with numpy arrays through ``torch.from_numpy``, so nothing here copies a contiguous input.
-"""
+"""Raw backends: thin wrappers around the documented loaders ``torch.jit.load``,
+``torch._inductor.aoti_load_package`` and ``onnxruntime.InferenceSession``, inputs and outputs
+in graph order: ``backend(tensors)`` (what the export's parity check runs) and
+``backend.run(arrays, outs)`` on numpy columns (what ``InferenceModel`` runs), which copies no
+contiguous input (``torch.from_numpy`` shares its memory; ONNX Runtime reads it in place)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,25 +15,30 @@ import torch
 from project.inference.threads import ThreadPolicy, onnx_session_options
 
 FORMATS = ("torchscript", "aoti", "onnx")
+F32 = np.dtype(np.float32)
 
 
 class Backend:
-    """An artifact ready to run. ``__call__(inputs) -> outputs``, both lists of tensors."""
+    """An artifact ready to run: ``backend(tensors)`` runs ``call``, tensors to tensors."""
 
     format: str = ""
     device: str = "cpu"
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.call(inputs)
+
+    def call(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run on tensors in graph order; returns the outputs as tensors."""
         raise NotImplementedError
 
-    @property
-    def entry(self) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-        """The cheapest way to call the backend: a list of tensors in, a list out.
-
-        The same computation as ``__call__``; a backend whose runtime takes the list directly
-        returns that runtime's own function, so a call costs no Python frame of ours.
-        """
-        return self.__call__
+    def run(self, arrays: list[np.ndarray], outs: list[np.ndarray] | None) -> list[np.ndarray]:
+        """Run on 1-D numpy inputs (graph order, writable, contiguous, the graph's dtypes).
+        With ``outs`` (one ``(n_rows,)`` float32 array per output) the results are written
+        into them; without, the result tensors' memory is returned."""
+        results = [t.numpy() for t in self.call([torch.from_numpy(a) for a in arrays])]
+        for out, res in zip(outs or (), results, strict=False):
+            np.copyto(out, res)
+        return results if outs is None else outs
 
 
 class TorchScriptBackend(Backend):
@@ -49,18 +51,16 @@ class TorchScriptBackend(Backend):
         self.module = torch.jit.load(str(path), map_location=device)
         self.module.eval()
 
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Run with gradients off; outputs stay on the module's device."""
+    def call(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run with autograd off; outputs stay on the module's device."""
         with torch.inference_mode():
             return list(self.module(*inputs))
 
 
 class AOTIBackend(Backend):
-    """An AOTInductor package loaded with ``torch._inductor.aoti_load_package``.
-
-    Loading compiled code can crash the process on some torch builds; callers that must
-    survive that (the export's parity check) load it in a child process.
-    """
+    """An AOTInductor package loaded with ``torch._inductor.aoti_load_package``. Loading
+    compiled code can crash the process on some torch builds; callers that must survive that
+    (the export's parity check) load it in a child process."""
 
     format = "aoti"
 
@@ -71,28 +71,12 @@ class AOTIBackend(Backend):
         import torch._inductor.codecache
 
         self.device = device
-        self.runner = torch._inductor.aoti_load_package(str(path))
-        # The package's C++ loader takes the flat tensor list directly; the Python wrapper
-        # around it rebuilds the call's pytree specs on every call (~20 us at batch 1). The
-        # graph's inputs and outputs are flat tuples of tensors, so both give the same result.
-        # No autograd state is needed around it: the compiled code records no graph, and its
-        # outputs never require gradients (its weights are constants, its inputs come from
-        # numpy), so the ``inference_mode`` guard TorchScript needs would only cost time here
-        # (about 3 us a call).
-        loader = getattr(self.runner, "loader", None)
-        self._run = loader.run if hasattr(loader, "run") else None
+        self.package = torch._inductor.aoti_load_package(str(path))
 
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Run the compiled graph."""
-        if self._run is not None:
-            return self._run(inputs if type(inputs) is list else list(inputs))
-        with torch.inference_mode():
-            return list(self.runner(*inputs))
-
-    @property
-    def entry(self) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-        """The C++ loader's ``run`` itself where this torch has it (see ``Backend.entry``)."""
-        return self._run if self._run is not None else self.__call__
+    def call(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the compiled graph. No autograd guard is needed: compiled code records no
+        graph, and its outputs never require gradients (its weights are constants)."""
+        return list(self.package(*inputs))
 
 
 class OnnxBackend(Backend):
@@ -113,21 +97,32 @@ class OnnxBackend(Backend):
             raise ValueError(
                 f"ONNX artifacts run on the CPU execution provider here, not {device!r}"
             )
-        self.device = device
         self.optimization = optimization
         options = onnx_session_options(policy or ThreadPolicy.single(), optimization)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Run the session; numpy views of the tensors are handed over without copies."""
-        feed = {name: _numpy_view(t) for name, t in zip(self.input_names, inputs, strict=True)}
-        return [torch.from_numpy(o) for o in self.session.run(self.output_names, feed)]
+    def call(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the session on numpy views of the tensors."""
+        arrays = [t.detach().cpu().numpy() for t in inputs]
+        return [torch.from_numpy(o) for o in self.run(arrays, None)]
 
-
-def _numpy_view(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    def run(self, arrays: list[np.ndarray], outs: list[np.ndarray] | None) -> list[np.ndarray]:
+        """See ``Backend.run``. Without ``outs``: ``InferenceSession.run``, which returns new
+        arrays. With ``outs``: an I/O binding made for this call (threads share nothing),
+        which writes into them."""
+        if outs is None:
+            return self.session.run(
+                self.output_names, dict(zip(self.input_names, arrays, strict=True))
+            )
+        binding = self.session.io_binding()
+        for name, arr in zip(self.input_names, arrays, strict=True):
+            binding.bind_cpu_input(name, arr)
+        for name, out in zip(self.output_names, outs, strict=True):
+            binding.bind_output(name, "cpu", 0, F32, out.shape, out.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return outs
 
 
 def open_backend(
@@ -138,10 +133,8 @@ def open_backend(
     onnx_optimization: str = "all",
 ) -> Backend:
     """Open an artifact of format ``fmt`` (``torchscript``, ``aoti`` or ``onnx``)."""
-    if fmt == "torchscript":
-        return TorchScriptBackend(path, device)
-    if fmt == "aoti":
-        return AOTIBackend(path, device)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     if fmt == "onnx":
         return OnnxBackend(path, device, policy, onnx_optimization)
-    raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    return (TorchScriptBackend if fmt == "torchscript" else AOTIBackend)(path, device)

@@ -1,16 +1,12 @@
 """Errors of the inference runtime: each names what is wrong and what to do about it."""
 
-from __future__ import annotations
-
 from project.contract import ContractError
 
 
 class InputError(ContractError):
     """Inputs that do not satisfy the model's contract (a missing column, a dtype that cannot be
-    cast safely, inconsistent lengths, bad offsets, NaN or Inf). Never a silently wrong answer.
-
-    A ``ContractError`` (and so a ``ValueError``): callers may catch either.
-    """
+    cast safely, inconsistent lengths, bad offsets or counts, NaN or Inf): never a silently
+    wrong answer. A ``ContractError`` (and so a ``ValueError``): callers may catch either."""
 
 
 class ArtifactError(RuntimeError):
@@ -22,7 +18,7 @@ class MissingManifestError(ArtifactError, FileNotFoundError):
 
 
 class IntegrityError(ArtifactError):
-    """A file whose sha256 differs from the manifest's: modified or replaced since export."""
+    """A file whose sha256 differs from its record: modified or replaced since export."""
 
 
 class ParityFailedError(ArtifactError):

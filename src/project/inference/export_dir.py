@@ -1,7 +1,9 @@
-"""Reading an export directory: the manifest, the choice of artifact, and integrity checks.
+"""Reading an export directory: the manifest, its checks, and the choice of artifact.
 
-``manifest.json`` is all the runtime reads of the training side (DESIGN.md): the contract,
-input and output names, and per artifact its file, format, device, sha256 and parity verdict.
+``manifest.json`` is all the runtime reads of the training side (DESIGN.md). Before any of it
+is used, its hash (``manifest.sha256``) is checked, it is validated against this runtime's
+copy of the schema (``project.contract.manifest_schema()``; the copy inside the export is for
+other consumers), and every file it names must lie inside the export directory.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from project.contract import ContractError, InputContract
-from project.inference.backends import FORMATS
+from project.contract import ContractError, InputContract, manifest_schema
 from project.inference.errors import (
     ArtifactError,
     IntegrityError,
@@ -24,17 +27,13 @@ from project.inference.errors import (
     ParityFailedError,
 )
 
-# Default choice among the artifacts that passed parity, fastest first: a fixed order, from
-# ``scripts/benchmark.py inference`` on the three toy models (one thread, x86-64, torch 2.14).
-# AOTInductor runs the graph as compiled C++ with the least per-call overhead: fastest at
-# batch 1 (e.g. 26 us vs 31 us ONNX Runtime vs 70 us TorchScript for the MLP) and fastest or
-# tied at batch 1024 (deep sets: 32 ms vs 45 ms vs 46 ms). ONNX Runtime is next and ahead at
-# very large batches, where its memory arena saves the page faults that the malloc'd
-# intermediates of the other two cost. TorchScript's interpreter is slowest at small batches
-# and recompiles on new shapes. A recorded latency cannot be used instead: the manifest has
-# none from the machine that runs the model.
+MANIFEST_FILE, MANIFEST_HASH_FILE = "manifest.json", "manifest.sha256"
+# Default choice among the artifacts that passed parity, fastest first, from
+# ``scripts/benchmark.py inference`` on the toy models (one thread, x86-64, torch 2.14):
+# AOTInductor's compiled C++ is fastest or tied at every batch size; ONNX Runtime is next
+# (ahead at very large batches, where its arena saves page faults); TorchScript's interpreter
+# is slowest at small batches. The manifest has no latency from the machine that runs it.
 PREFERENCE = ("aoti", "onnx", "torchscript")
-
 # CPU flags each token of Inductor's vector ISA name needs (see /proc/cpuinfo).
 _ISA_FLAGS = {
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
@@ -46,7 +45,7 @@ _ISA_FLAGS = {
 
 @dataclass(frozen=True)
 class Artifact:
-    """One artifact of the manifest (the manifest's entry is kept whole in ``entry``)."""
+    """One artifact of the manifest (its whole entry in ``entry``)."""
 
     format: str
     file: str
@@ -55,24 +54,10 @@ class Artifact:
     passed: bool
     entry: dict[str, Any] = field(repr=False)
 
-    def passed_optimization(self, optimization: str) -> bool:
-        """Whether the parity case run with ONNX optimisation level ``optimization`` passed."""
-        cases = [p for p in self.entry.get("parity", []) if p.get("optimization") == optimization]
-        return bool(cases) and all(p.get("passed") for p in cases)
-
-    @property
-    def tolerance(self) -> tuple[float, float]:
-        """``(abs, rel)``: the loosest tolerance its parity check used."""
-        tols = [p.get("tolerance") or {} for p in self.entry.get("parity", [])]
-        return (
-            max((float(t.get("abs", 0.0)) for t in tols), default=1e-5),
-            max((float(t.get("rel", 0.0)) for t in tols), default=1e-5),
-        )
-
 
 @dataclass(frozen=True)
 class ExportDir:
-    """A parsed export directory."""
+    """A read and checked export directory."""
 
     path: Path
     manifest: dict[str, Any] = field(repr=False)
@@ -80,47 +65,109 @@ class ExportDir:
     output_names: tuple[str, ...]
     artifacts: tuple[Artifact, ...]
 
-    @property
-    def golden_file(self) -> Path:
-        """Path of the golden inputs and expected outputs."""
-        return self.path / self.manifest["golden"]["file"]
+    def file(self, name: str, what: str) -> Path:
+        """``path / name``; ``ArtifactError`` if it resolves outside ``path`` (an absolute
+        name, ``..``, a symbolic link to elsewhere), which would let an edited or copied
+        export serve another directory's files."""
+        resolved = (self.path / name).resolve()
+        if Path(name).is_absolute() or not resolved.is_relative_to(self.path.resolve()):
+            raise ArtifactError(
+                f"{what} {name!r} of {self.path / MANIFEST_FILE} leaves the export directory "
+                f"(it resolves to {resolved}); every file of an export must lie inside it"
+            )
+        return self.path / name
+
+    def golden(self) -> dict[str, np.ndarray]:
+        """The golden inputs and expected outputs, checked against the manifest's hash and
+        list. ``ArtifactError`` for a file that is not plain numeric ``.npz`` (object arrays
+        need pickle, which can run code and is never used here) or lacks what it lists."""
+        golden = self.manifest["golden"]
+        path = self.file(golden["file"], "golden file")
+        verify_file(path, golden["sha256"], "golden file")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as err:
+            raise ArtifactError(
+                f"golden file {path} cannot be read as numeric arrays: {err}. Golden files "
+                "hold numbers only (no Python objects); export again."
+            ) from err
+        needed = {*self.contract.input_names, *self.output_names}
+        if not needed <= set(arrays) or sorted(arrays) != sorted(golden["arrays"]):
+            raise ArtifactError(
+                f"golden file {path} holds {sorted(arrays)}; the manifest lists "
+                f"{sorted(golden['arrays'])}, with every input and output. Export again."
+            )
+        return arrays
+
+    def tolerance(self, fmt: str) -> tuple[float, float]:
+        """``(abs, rel)`` that outputs of format ``fmt`` are held to."""
+        if fmt not in self.manifest["tolerance"]:
+            raise ArtifactError(f"{self.path / MANIFEST_FILE} states no tolerance for {fmt}")
+        return self.manifest["tolerance"][fmt]["abs"], self.manifest["tolerance"][fmt]["rel"]
 
 
 def read_export(export_dir: str | Path) -> ExportDir:
     """Read and check ``export_dir/manifest.json``.
 
-    Raises
-    ------
-    MissingManifestError
-        No manifest: not an export directory (or an unfinished one).
-    ArtifactError
-        A manifest this runtime cannot use (malformed, or inputs that contradict the contract).
+    Raises ``MissingManifestError`` (not an export directory, or an unfinished one),
+    ``IntegrityError`` (``manifest.sha256`` missing or not the manifest's) or ``ArtifactError``
+    (not JSON, not valid under the schema, inputs that contradict the contract, a file
+    outside the export directory).
     """
     path = Path(export_dir)
-    manifest_file = path / "manifest.json"
+    manifest_file, hash_file = path / MANIFEST_FILE, path / MANIFEST_HASH_FILE
     if not manifest_file.is_file():
         raise MissingManifestError(
-            f"{path} has no manifest.json: it is not an export directory (exports are written "
+            f"{path} has no {MANIFEST_FILE}: it is not an export directory (exports are written "
             "by scripts/export.py to exported/<name>/)"
             + ("" if path.is_dir() else f"; {path} does not exist")
         )
+    if not hash_file.is_file():
+        raise IntegrityError(
+            f"{path} has no {MANIFEST_HASH_FILE}, so its manifest cannot be checked; exports "
+            "written by scripts/export.py have one. Export it again."
+        )
+    verify_file(manifest_file, hash_file.read_text().strip(), "manifest", MANIFEST_HASH_FILE)
     try:
         manifest = json.loads(manifest_file.read_text())
+    except ValueError as err:
+        raise ArtifactError(f"{manifest_file} is not valid JSON: {err}") from err
+    _validate(manifest, manifest_file)
+    try:
         contract = InputContract.from_dict(manifest["contract"])
-        inputs = [i["name"] for i in manifest["inputs"]]
-        outputs = tuple(o["name"] for o in manifest["outputs"])
-        artifacts = tuple(
-            Artifact(a["format"], a["file"], a["device"], a["sha256"], bool(a["passed"]), a)
-            for a in manifest["artifacts"]
-        )
-    except (KeyError, TypeError, ValueError, ContractError) as err:
-        raise ArtifactError(f"{manifest_file} is not a valid export manifest: {err!r}") from err
-    if inputs != contract.input_names or list(outputs) != list(contract.outputs):
+    except ContractError as err:
+        raise ArtifactError(f"{manifest_file} is not a valid export manifest: {err}") from err
+    inputs = [i["name"] for i in sorted(manifest["inputs"], key=lambda i: i["position"])]
+    outputs = tuple(o["name"] for o in manifest["outputs"])
+    if inputs != contract.input_names or outputs != contract.outputs:
         raise ArtifactError(
             f"{manifest_file}: inputs {inputs} / outputs {list(outputs)} do not match the "
             f"contract's {contract.input_names} / {list(contract.outputs)}"
         )
-    return ExportDir(path, manifest, contract, outputs, artifacts)
+    keys = ("format", "file", "device", "sha256", "passed")
+    artifacts = tuple(Artifact(*(a[k] for k in keys), a) for a in manifest["artifacts"])
+    export = ExportDir(path, manifest, contract, outputs, artifacts)
+    for art in artifacts:
+        export.file(art.file, f"{art.format} artifact")
+    export.file(manifest["golden"]["file"], "golden file")
+    return export
+
+
+def _validate(manifest: Any, manifest_file: Path) -> None:
+    """``ArtifactError`` naming the first place where ``manifest`` breaks the schema."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(manifest_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
+    if error is not None:
+        rule = error.absolute_path and error.schema.get("description")  # not the whole file's
+        raise ArtifactError(
+            f"{manifest_file} is not a valid export manifest: at "
+            f"{'/'.join(map(str, error.absolute_path)) or 'the top level'}: {error.message}"
+            + (f" ({rule})" if rule else "")
+            + ". Export it again with this version of the project."
+        )
 
 
 def sha256_of(path: Path) -> str:
@@ -132,48 +179,36 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_file(path: Path, expected: str, what: str) -> None:
+def verify_file(path: Path, expected: str, what: str, record: str = "the manifest") -> None:
     """``ArtifactError`` if ``path`` is missing, ``IntegrityError`` if its sha256 is not
-    ``expected``."""
+    ``expected`` (as ``record`` has it)."""
     if not path.is_file():
         raise ArtifactError(f"{what} {path} is listed in the manifest but missing")
-    found = sha256_of(path)
-    if found != expected:
+    if (found := sha256_of(path)) != expected:
         raise IntegrityError(
-            f"{what} {path} has sha256 {found}, but the manifest records {expected}: the file "
+            f"{what} {path} has sha256 {found}, but {record} records {expected}: the file "
             "was modified or replaced after export. Re-export, or restore the original file."
         )
 
 
-def cpu_flags() -> set[str] | None:
-    """This CPU's feature flags from ``/proc/cpuinfo``, or ``None`` where unknown."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def aoti_problem(export: ExportDir, artifact: Artifact) -> str | None:
-    """Why a compiled AOTInductor artifact may not run correctly here, or ``None``.
-
-    Its parity passed on the exporting machine; compiled code is only trusted on the same torch
-    build, machine architecture and a CPU with the vector instructions it was compiled for.
-    """
-    prov = export.manifest.get("provenance") or {}
-    if prov.get("torch") and prov["torch"] != torch.__version__:
+    """Why a compiled AOTInductor artifact may not run correctly here, or ``None``: compiled
+    code is only trusted on the exporting torch build, machine architecture, and a CPU with
+    the vector instructions it was compiled for."""
+    prov = export.manifest["provenance"]
+    if prov["torch"] != torch.__version__:
         return f"compiled with torch {prov['torch']}, this is torch {torch.__version__}"
     if prov.get("machine") and prov["machine"] != platform.machine():
         return f"compiled for {prov['machine']}, this machine is {platform.machine()}"
     isa = str(artifact.entry.get("cpu_isa") or prov.get("cpu_isa") or "")
-    flags = cpu_flags()
-    if artifact.device == "cpu" and flags is not None:
-        needed = set().union(*(_ISA_FLAGS.get(tok, set()) for tok in isa.split()))
-        if needed - flags:
-            return f"compiled for {isa!r}; this CPU lacks {sorted(needed - flags)}"
+    needed = set().union(*(_ISA_FLAGS.get(token, set()) for token in isa.split()))
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next(set(ln.split(":", 1)[1].split()) for ln in fh if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return None  # unknown here: trusted, as the machine and torch build match
+    if artifact.device == "cpu" and needed - flags:
+        return f"compiled for {isa!r}; this CPU lacks {sorted(needed - flags)}"
     return None
 
 
@@ -182,32 +217,26 @@ def choose_artifact(
 ) -> tuple[Artifact, list[str]]:
     """The artifact to load and the reasons other candidates were passed over.
 
-    ``backend=None`` (or ``"auto"``) takes the first of ``PREFERENCE`` that passed parity and
-    can run here; a named backend must have passed, or ``ParityFailedError`` is raised.
+    ``backend`` ``None`` (or ``"auto"``) takes the first of ``PREFERENCE`` that passed parity
+    and can run here; a named one (of ``FORMATS``) must have passed, or ``ParityFailedError``.
     """
-    if backend not in (None, "auto", *FORMATS):
-        raise ValueError(f"unknown backend {backend!r}; choose one of {FORMATS} or 'auto'")
     notes: list[str] = []
-    wanted = PREFERENCE if backend in (None, "auto") else (backend,)
-    for fmt in wanted:
-        found = [a for a in export.artifacts if a.format == fmt and a.device == device]
-        if not found:
+    for fmt in PREFERENCE if backend in (None, "auto") else (backend,):
+        art = next((a for a in export.artifacts if a.format == fmt and a.device == device), None)
+        if art is None:
             notes.append(f"{fmt}: no {device} artifact in the export")
             continue
-        art = found[0]
-        # Conservative: every parity case of the artifact passed, and for ONNX the case run
-        # with the optimisation level that will be used exists and passed.
-        ok = art.passed and (fmt != "onnx" or art.passed_optimization(onnx_optimization))
-        if not ok:
+        # Every parity case passed, and for ONNX one was run with the level to be used.
+        levels = [p.get("optimization") for p in art.entry["parity"]]
+        if not art.passed or (fmt == "onnx" and onnx_optimization not in levels):
             notes.append(f"{fmt}: failed its parity check at export")
             continue
         problem = aoti_problem(export, art) if fmt == "aoti" else None
-        if problem is not None:
-            notes.append(f"aoti: {problem}")
-            if backend == "aoti":
-                raise ArtifactError(f"cannot run {export.path / art.file} here: {problem}")
-            continue
-        return art, notes
+        if problem is None:
+            return art, notes
+        notes.append(f"aoti: {problem}")
+        if backend == "aoti":
+            raise ArtifactError(f"cannot run {export.path / art.file} here: {problem}")
     message = f"{export.path}: no usable artifact for backend={backend or 'auto'} on {device}: "
     message += "; ".join(notes)
     if any("parity" in n for n in notes):

@@ -1,10 +1,7 @@
-"""The single-threaded deployment policy (DESIGN.md: the host framework owns the threads).
-
-A C++ framework such as CMSSW runs many events at once, one thread each; a model that spawns
-its own thread pool oversubscribes the machine. The policy is: PyTorch intra-op and inter-op
-threads set to 1 before any parallel work, ONNX Runtime with one intra-op thread, one inter-op
-thread and sequential execution.
-"""
+"""The single-threaded deployment policy: the host framework owns the threads (DESIGN.md), one
+event per thread, and a model with a pool of its own would oversubscribe the machine. PyTorch
+runs one intra-op and one inter-op thread, set before any parallel work; ONNX Runtime one of
+each, with sequential execution."""
 
 from __future__ import annotations
 
@@ -20,11 +17,9 @@ class ThreadPolicyError(RuntimeError):
 
 @dataclass(frozen=True)
 class ThreadPolicy:
-    """How many threads a loaded model may use.
-
-    ``intra_op`` and ``inter_op`` apply to PyTorch (process-wide) and to each ONNX Runtime
-    session; ``None`` leaves PyTorch's setting as it is.
-    """
+    """How many threads a loaded model may use: ``intra_op`` and ``inter_op`` apply to
+    PyTorch (process-wide) and to each ONNX Runtime session; ``None`` leaves PyTorch's
+    setting as it is."""
 
     intra_op: int | None = 1
     inter_op: int | None = 1
@@ -42,18 +37,17 @@ class ThreadPolicy:
     @property
     def name(self) -> str:
         """``single``, ``unrestricted`` or ``intra=N,inter=M``."""
-        if (self.intra_op, self.inter_op) == (1, 1):
-            return "single"
-        if (self.intra_op, self.inter_op) == (None, None):
-            return "unrestricted"
-        return f"intra={self.intra_op},inter={self.inter_op}"
+        names = {(1, 1): "single", (None, None): "unrestricted"}
+        return names.get(
+            (self.intra_op, self.inter_op), f"intra={self.intra_op},inter={self.inter_op}"
+        )
 
 
 _lock = threading.Lock()
 
 
 def apply_torch_policy(policy: ThreadPolicy) -> dict[str, int]:
-    """Set PyTorch's thread pools to ``policy`` once per process and check the result.
+    """Set PyTorch's thread pools to ``policy`` and check the result.
 
     ``torch.set_num_interop_threads`` only works before any inter-op work has started; if it is
     too late and the pool has a different size, this raises ``ThreadPolicyError`` rather than
@@ -76,8 +70,7 @@ def apply_torch_policy(policy: ThreadPolicy) -> dict[str, int]:
             "intra_op": torch.get_num_threads(),
             "inter_op": torch.get_num_interop_threads(),
         }
-    for key in ("intra_op", "inter_op"):
-        wanted = getattr(policy, key)
+    for key, wanted in (("intra_op", policy.intra_op), ("inter_op", policy.inter_op)):
         if wanted is not None and observed[key] != wanted:
             raise ThreadPolicyError(
                 f"PyTorch {key} threads are {observed[key]}, policy wants {wanted}"
@@ -89,14 +82,6 @@ def onnx_session_options(policy: ThreadPolicy, optimization: str = "all") -> obj
     """``onnxruntime.SessionOptions`` for ``policy``; ``optimization`` is ``all`` or ``none``."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = policy.intra_op or 0
-    options.inter_op_num_threads = policy.inter_op or 0
-    if policy.inter_op == 1:
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if policy.intra_op == 1:
-        # No spinning worker threads: there are none to spin.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     levels = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -105,5 +90,12 @@ def onnx_session_options(policy: ThreadPolicy, optimization: str = "all") -> obj
         raise ValueError(
             f"unknown ONNX optimisation level {optimization!r}; use one of {list(levels)}"
         )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = policy.intra_op or 0
+    options.inter_op_num_threads = policy.inter_op or 0
     options.graph_optimization_level = levels[optimization]
+    if policy.inter_op == 1:
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if policy.intra_op == 1:  # no worker threads to spin
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options

@@ -1,10 +1,12 @@
 """``python -m project.inference EXPORT_DIR INPUT --out OUTPUT``: score a Parquet or ROOT file.
 
 Reads the columns the model's contract names (Parquet: list columns ``<collection>_<field>``
-are the jagged fields; ROOT: jagged branches ``<collection>_<field>``) in steps of
-``--step-size`` rows and writes Parquet with the rows' identifiers and one column per output.
-pyarrow is imported here (it writes the output); ROOT inputs are read through the data
-layer's ROOT source (uproot), imported only for them.
+are the jagged fields; ROOT: jagged branches ``<collection>_<field>`` of a TTree) in steps of
+``--step-size`` rows and writes Parquet with the rows' identifiers and one column per output,
+through a unique temporary file renamed into place at the end (two runs with the same
+``--out`` never mix, a failed run leaves nothing). pyarrow is imported here (it writes the
+output); ROOT inputs are read through the data layer's ROOT source (uproot), imported only
+for them.
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ from typing import Any
 import numpy as np
 
 from project.contract import ContractError
-from project.inference.errors import ArtifactError, InputError
-from project.inference.model import DEFAULT_MAX_BATCH, InferenceModel, load
-from project.inference.threads import ThreadPolicyError
+from project.inference import (
+    DEFAULT_MAX_BATCH,
+    ArtifactError,
+    InferenceModel,
+    InputError,
+    ThreadPolicyError,
+    load,
+)
+from project.utils import atomic_path
 
 DEFAULT_IDS = ("run", "luminosityBlock", "event")
 
@@ -68,15 +76,38 @@ def parquet_batches(
     path: Path, model: InferenceModel, ids: str | None, step: int
 ) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
     """``(RecordBatch of model inputs, {id column: values})`` per step of a Parquet file."""
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
-    pf = pq.ParquetFile(path)
+    pf = _parquet_file(path)
     available = pf.schema_arrow.names
     needed = needed_columns(model)
     _check_present(needed, available, str(path))
     id_cols = _id_columns(ids, available)
-    for batch in pf.iter_batches(batch_size=step, columns=list(dict.fromkeys(needed + id_cols))):
+    batches = pf.iter_batches(batch_size=step, columns=list(dict.fromkeys(needed + id_cols)))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            raise InputError(
+                f"{path} cannot be read further (damaged or truncated?): {err}"
+            ) from err
         yield batch, {c: batch.column(c).to_numpy(zero_copy_only=False) for c in id_cols}
+
+
+def _parquet_file(path: Path) -> Any:
+    """``pyarrow.parquet.ParquetFile`` of ``path``, or an ``InputError`` saying why not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(
+            f"{path} is not a readable Parquet file ({err}); it may be truncated or of another "
+            "format. The inputs read are Parquet (.parquet) and ROOT TTrees (.root)."
+        ) from err
 
 
 def root_batches(
@@ -99,11 +130,29 @@ def root_batches(
             yield arrays, {c: np.asarray(arrays[c]) for c in id_cols}
 
 
+def check_paths(source: Path, out: Path) -> None:
+    """Refuse, before anything is scored, an input that is not there or an output that
+    cannot be written as asked: a directory, or the input itself."""
+    if not source.is_file():
+        raise InputError(f"input file {source} does not exist")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a directory; give the path of the Parquet file to write")
+    if out.exists() and out.samefile(source):
+        raise InputError(
+            f"--out {out} is the input file itself; scoring it would replace the input with "
+            "the scores. Give another output path."
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Score ``args.input`` with ``args.export_dir`` and write ``args.out``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    path, out = Path(args.input), Path(args.out)
+    check_paths(path, out)
+    if path.suffix.lower() != ".root":
+        _parquet_file(path)  # a file that is not Parquet is refused before the model loads
     model = load(
         args.export_dir,
         args.backend,
@@ -111,45 +160,35 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         nan_policy=args.nan_policy,
     )
-    path = Path(args.input)
-    if not path.is_file():
-        raise InputError(f"input file {path} does not exist")
     if path.suffix.lower() == ".root":
         batches = root_batches(path, model, args.id_columns, args.step_size, args.tree)
     else:
         batches = parquet_batches(path, model, args.id_columns, args.step_size)
     started = time.perf_counter()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed at the end: a failure leaves no partial output.
-    tmp = out.with_name(f".{out.name}.tmp")
-    writer, rows = None, 0
-    try:
-        for inputs, ids in batches:
-            try:
-                outputs = model(inputs)
-            except InputError as err:
-                raise InputError(f"{path}, rows from {rows}: {err}") from err
-            n = len(next(iter(outputs.values())))
-            columns = dict(ids) or {"row": np.arange(rows, rows + n, dtype=np.int64)}
-            table = pa.table({**columns, **outputs})
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-            rows += n
+    rows = 0
+    with atomic_path(out) as tmp:
+        writer = None
+        try:
+            for inputs, ids in batches:
+                try:
+                    outputs = model(inputs)
+                except InputError as err:
+                    raise InputError(f"{path}, rows from {rows}: {err}") from err
+                n = len(next(iter(outputs.values())))
+                columns = dict(ids) or {"row": np.arange(rows, rows + n, dtype=np.int64)}
+                table = pa.table({**columns, **outputs})
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                rows += n
+        finally:
+            if writer is not None:
+                writer.close()
         if writer is None:  # no rows at all: still a valid file with the output columns
             empty = {"row": np.empty(0, np.int64)} | {
                 o: np.empty(0, np.float32) for o in model.output_names
             }
             pq.write_table(pa.table(empty), tmp)
-        else:
-            writer.close()
-            writer = None
-        tmp.replace(out)
-    finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     print(
         f"{rows} rows of {path} scored with {model.backend} ({model.artifact.name}) in "
@@ -157,6 +196,13 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -174,8 +220,10 @@ def parser() -> argparse.ArgumentParser:
         help="comma-separated columns copied to the output (default: those of run, "
         "luminosityBlock, event present; else a 'row' index)",
     )
-    p.add_argument("--step-size", type=int, default=100_000, help="rows read per step")
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    p.add_argument("--step-size", type=_positive, default=100_000, help="rows read per step")
+    p.add_argument(
+        "--max-batch", type=_positive, default=DEFAULT_MAX_BATCH, help="rows per model call"
+    )
     p.add_argument("--nan-policy", choices=["raise", "ignore"], default="raise")
     p.add_argument("--threads", choices=["single", "unrestricted"], default="single")
     return p
