@@ -13,13 +13,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torchmetrics import MetricCollection
-from torchmetrics.aggregation import CatMetric
-from torchmetrics.classification import AUROC, Accuracy
 
 from project.contract import InputContract
 from project.data.batching import LABEL, TARGETS, WEIGHT
 from project.soa.deployable import build_model
 from project.training.graphs import GraphedForward, graphs_unavailable
+from project.training.metrics import EvaluationRecord, evaluation_metrics
+from project.utils import atomic_write_text
 from project.utils.importing import allowed_targets, build_from_config
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,33 @@ def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any] | None:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
+
+
+PLOT_OPTIONS = {"pt": "jet_pt", "working_point": 0.5, "experiment": None}
+
+
+def _plot_options(options: Mapping[str, Any] | None, contract: InputContract) -> dict[str, Any]:
+    """``model.plots`` with its defaults, checked; ``pt`` is dropped (no pT plots, said in
+    the log) where the contract has no such flat input."""
+    given = dict(options or {})
+    unknown = set(given) - set(PLOT_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"model.plots: unknown keys {sorted(unknown)}; expected {sorted(PLOT_OPTIONS)}"
+        )
+    merged = {**PLOT_OPTIONS, **given}
+    if not 0 < float(merged["working_point"]) < 1:
+        raise ValueError(
+            f"model.plots.working_point is a signal efficiency in (0, 1), got "
+            f"{merged['working_point']!r}"
+        )
+    if merged["pt"] is not None and merged["pt"] not in contract.flat_names:
+        log.info(
+            f"model.plots.pt = {merged['pt']!r} is not a flat input of the contract "
+            f"({contract.flat_names}): no plots against pT"
+        )
+        merged["pt"] = None
+    return merged
 
 
 def weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
@@ -119,6 +146,15 @@ class ClassifierModule(L.LightningModule):
         On a single CUDA device, capture the training forward and backward in CUDA graphs
         (``project.training.graphs``; off by itself elsewhere, and said why on a GPU). Set
         it false for a network with Python control flow on tensor values.
+    plots
+        The test plots (``project.training.plots``): ``pt``, the flat input plotted against
+        (default ``jet_pt``; none if the contract lacks it), ``working_point``, the signal
+        efficiency of the cut in the efficiency-vs-pT plot (0.5), and ``experiment``, an
+        optional label and style (``CMS``, ``ATLAS``).
+
+    Validation and test metrics count rows by their weights (``project.training.metrics``):
+    ``auroc`` and ``accuracy`` for classes, ``mae_``, ``r2_``, ``response_`` and
+    ``resolution_<target>`` for regression targets.
     """
 
     # Attributes set on every training step that are never parameters, buffers or
@@ -138,6 +174,7 @@ class ClassifierModule(L.LightningModule):
         label_smoothing: float = 0.0,
         compile: bool = False,
         cuda_graphs: bool = True,
+        plots: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -149,6 +186,7 @@ class ClassifierModule(L.LightningModule):
                 "label_smoothing": float(label_smoothing),
                 "compile": bool(compile),
                 "cuda_graphs": bool(cuda_graphs),
+                "plots": _plain(plots),
             }
         )
         self.contract = InputContract.from_dict(self.hparams.contract)
@@ -160,24 +198,16 @@ class ClassifierModule(L.LightningModule):
         self.model = build_model(self.contract, self.hparams.net, allowed_targets())
         self.input_names = self.contract.input_names
         self.n_classes = self.contract.n_classes
-        metrics = MetricCollection({})
-        if self.n_classes:
-            task = "binary" if self.n_classes == 2 else "multiclass"
-            metrics = MetricCollection(
-                {
-                    "auroc": AUROC(task=task, num_classes=self.n_classes),
-                    "accuracy": Accuracy(task=task, num_classes=self.n_classes),
-                }
-            )
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        self.plot_options = _plot_options(self.hparams.plots, self.contract)
+        self.val_metrics = evaluation_metrics(self.contract, prefix="val/")
+        self.test_metrics = evaluation_metrics(self.contract, prefix="test/")
         # The epoch's training loss: a device-side running sum (one kernel per step; a
         # torchmetrics MeanMetric costs ~0.1 ms of host time per update and, with its default
         # NaN screen, a host synchronisation). A NaN loss shows as a NaN epoch mean.
         self._loss_sum: Tensor | None = None
         self._loss_steps = 0
-        self.test_probs = CatMetric()
-        self.test_labels = CatMetric()
+        pt = self.plot_options["pt"]
+        self.test_record = EvaluationRecord([pt] if pt else [])
         self._graphed: GraphedForward | None = None
         self.cuda_graph_steps = 0  # training steps replayed from CUDA graphs in the last fit
 
@@ -223,10 +253,6 @@ class ClassifierModule(L.LightningModule):
                 return logits
         return self.model(inputs)
 
-    def _metric_inputs(self, head: Tensor) -> Tensor:
-        probs = head[:, : self.n_classes].float().softmax(dim=-1)
-        return probs[:, 1] if self.n_classes == 2 else probs
-
     def _losses(self, head: Tensor, batch: Mapping[str, Tensor], smoothing: float = 0.0) -> dict:
         return loss_terms(
             head, batch, self.contract, self.model.target_mean, self.model.target_scale, smoothing
@@ -269,49 +295,89 @@ class ClassifierModule(L.LightningModule):
             }
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def on_fit_start(self) -> None:
+        """Write the DataModule's fitted reweighting, if any, to ``reweighting.json`` in the
+        run directory, and plot it (``plots/reweighting.png`` and TensorBoard)."""
+        reweighting = getattr(self.trainer.datamodule, "reweighting", None)
+        if reweighting is not None:
+            self._write_reweighting(reweighting.to_dict())
+
+    @rank_zero_only
+    def _write_reweighting(self, summary: dict[str, Any]) -> None:
+        import json
+        from pathlib import Path
+
+        from project.training.plots import reweighting_figure
+
+        out_dir = Path(self.trainer.default_root_dir)
+        atomic_write_text(out_dir / "reweighting.json", json.dumps(summary, indent=1) + "\n")
+        figure = reweighting_figure(summary, self.plot_options["experiment"])
+        self._publish({"reweighting": figure}, "train")
+
     def _evaluate(self, batch: Mapping[str, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
         head = self(batch)
         n = len(batch[self.input_names[0]]) if self.contract.flat else head.shape[0]
         for name, value in self._losses(head, batch).items():
             key = f"{stage}/loss" if name == "total" else f"{stage}/loss_{name}"
             self.log(key, value, on_epoch=True, prog_bar=name == "total", sync_dist=True, batch_size=n)
-        if self.n_classes:
-            metrics.update(self._metric_inputs(head), batch[LABEL])
-            self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val")
-        return head
+        outputs = torch.stack(self.model.outputs(head), dim=1)
+        metrics.update(outputs, batch)
+        return outputs
+
+    def _log_metrics(self, metrics: MetricCollection, stage: str) -> None:
+        """Log the epoch's weighted metrics (computed over all ranks' rows) and reset them."""
+        values = metrics.compute()
+        metrics.reset()
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name == f"{stage}/auroc")
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         """Validation losses and metrics, reduced across ranks at epoch end."""
         self._evaluate(batch, "val", self.val_metrics)
 
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation metrics of the epoch."""
+        self._log_metrics(self.val_metrics, "val")
+
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        """Test losses and metrics; probabilities are kept for the plots."""
-        head = self._evaluate(batch, "test", self.test_metrics)
-        if self.n_classes:
-            self.test_probs.update(head[:, : self.n_classes].float().softmax(dim=-1))
-            self.test_labels.update(batch[LABEL].float())
+        """Test losses and metrics; the rows are kept for the plots."""
+        outputs = self._evaluate(batch, "test", self.test_metrics)
+        self.test_record.update(outputs, batch)
 
     def on_test_epoch_end(self) -> None:
-        """Gather all ranks' test predictions and draw the ROC curve and score plots."""
-        if not self.n_classes:
-            return
-        probs = self.test_probs.compute()  # synchronised across ranks
-        labels = self.test_labels.compute().long()
-        self.test_probs.reset()
-        self.test_labels.reset()
-        self._write_plots(probs.float().cpu().numpy(), labels.cpu().numpy())
+        """Log the test metrics, gather all ranks' test rows and draw the plots."""
+        self._log_metrics(self.test_metrics, "test")
+        record = self.test_record.compute()  # synchronised across ranks
+        self.test_record.reset()
+        self._write_plots(record)
 
     @rank_zero_only
-    def _write_plots(self, probs: Any, labels: Any) -> None:
-        from project.training.plots import write_classifier_plots
+    def _write_plots(self, record: dict[str, Any]) -> None:
+        from project.training.plots import evaluation_figures
 
-        out_dir = self.trainer.default_root_dir
-        figures = write_classifier_plots(probs, labels, self.contract.classes, out_dir)
-        for logger in self.loggers:
-            add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
-            if callable(add_figure):
-                for name, fig in figures.items():
-                    add_figure(f"test/{name}", fig, global_step=self.global_step)
+        options = self.plot_options
+        figures = evaluation_figures(
+            record,
+            self.contract.classes,
+            [t.name for t in self.contract.regression],
+            options["pt"],
+            options["working_point"],
+            options["experiment"],
+        )
+        self._publish(figures, "test")
+
+    def _publish(self, figures: dict[str, Any], stage: str) -> None:
+        """Save figures under the run's ``plots/`` and add them to TensorBoard, drawn in the
+        style they were made in (mathtext reads its fonts from the style when drawn)."""
+        from project.training.plots import save_figures, style
+
+        with style(self.plot_options["experiment"]):
+            save_figures(figures, self.trainer.default_root_dir)
+            for logger in self.loggers:
+                add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
+                if callable(add_figure):
+                    for name, fig in figures.items():
+                        add_figure(f"{stage}/{name}", fig, global_step=self.global_step)
 
     def configure_optimizers(self) -> Any:
         """Optimiser (and scheduler, stepped per epoch) from their configs; only targets the
