@@ -213,8 +213,8 @@ class Job:
 
 
 def _inputs(patterns: Sequence[str]) -> list[str]:
-    """Every input, globs expanded, in the order given; ``PredictError`` listing those that
-    match nothing."""
+    """Every input, globs expanded, in the order given, as absolute paths; ``PredictError``
+    listing the patterns that match nothing."""
     found, missing = [], []
     for pattern in patterns:
         try:
@@ -225,7 +225,8 @@ def _inputs(patterns: Sequence[str]) -> list[str]:
         raise PredictError(f"no input file at {missing}; check the paths and glob patterns")
     if not found:
         raise PredictError("files= names no input file")
-    return list(dict.fromkeys(found))
+    # Absolute, so that a worker started in another directory finds them (URLs as they are).
+    return list(dict.fromkeys(f if "://" in f else str(Path(f).absolute()) for f in found))
 
 
 def prepare(settings: PredictSettings) -> Job:

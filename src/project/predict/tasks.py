@@ -66,7 +66,9 @@ def open_export(path: str, backend: str, max_batch: int) -> tuple[ExportRef, Inf
     Raises what ``project.inference.load`` raises for an export it refuses.
     """
     model = load(path, None if backend == "auto" else backend, max_batch=max_batch)
-    ref = ExportRef(str(path), sha256_file(Path(path) / MANIFEST_FILE), model.backend, max_batch)
+    sha = sha256_file(Path(path) / MANIFEST_FILE)
+    # Absolute, so that a worker started in another directory finds it.
+    ref = ExportRef(str(Path(path).absolute()), sha, model.backend, max_batch)
     _MODELS[_key(ref)] = model
     return ref, model
 
