@@ -140,6 +140,48 @@ struct Check {
   bool ok = true;
 };
 
+// Rows [first, first + n) as a framework hands over a sub-range of its collections: the
+// columns' sub-spans, each collection's offsets from row `first` (starting at k > 0) and its
+// whole field arrays, which go on past the view's last object.
+soa::SoAView sub_range_view(const soa::SoAView& full, int64_t first, int64_t n) {
+  soa::SoAView v;
+  for (const auto& [name, col] : full.columns) v.columns[name] = col.subspan(first, n);
+  for (const auto& [name, coll] : full.collections) {
+    auto& c = v.collections[name];
+    c.offsets = coll.offsets.subspan(first, n + 1);
+    c.fields = coll.fields;
+  }
+  return v;
+}
+
+// Views with inconsistent offsets (starting below 0, decreasing, ending past the fields) must
+// be refused with std::invalid_argument; returns how many were, printing each message.
+int refused_bad_offsets(const soa::Model& model, const soa::SoAView& full, const std::string& tag) {
+  if (full.collections.empty()) return 3;
+  const auto& [name, coll] = *full.collections.begin();
+  const size_t n = coll.offsets.size();
+  std::vector<int64_t> negative(coll.offsets.begin(), coll.offsets.end());
+  for (auto& o : negative) o -= coll.offsets[n - 1] + 1;
+  std::vector<int64_t> decreasing(coll.offsets.begin(), coll.offsets.end());
+  std::swap(decreasing[1], decreasing[n - 1]);
+  std::vector<int64_t> past(coll.offsets.begin(), coll.offsets.end());
+  for (auto& o : past) o += 1;
+  past[0] = coll.offsets[0];
+  int refused = 0;
+  for (const auto* bad : {&negative, &decreasing, &past}) {
+    soa::SoAView v = full;
+    v.collections[name].offsets = std::span<const int64_t>(*bad);
+    try {
+      model.run(v);
+      std::printf("%s inconsistent offsets NOT refused\n", tag.c_str());
+    } catch (const std::invalid_argument& e) {
+      std::printf("%s refused: %s\n", tag.c_str(), e.what());
+      ++refused;
+    }
+  }
+  return refused;
+}
+
 // Outputs of rows [first, first + n): |got - expected| <= abs + rel * |expected| everywhere and
 // finite, the export's parity rule.
 void compare(const std::map<std::string, at::Tensor>& got, const Golden& g, int64_t first,
@@ -307,6 +349,22 @@ bool replay(const std::filesystem::path& export_dir, const Golden& g, soa::Forma
                 tag.c_str(), static_cast<long long>(batch), c.max_abs, c.ok ? "PASS" : "FAIL",
                 t.median_us, t.mean_us, static_cast<long long>(t.calls));
     ok &= c.ok;
+  }
+
+  // A sub-range view (offsets from row `first`, the whole field arrays) gives the rows' outputs.
+  {
+    const int64_t first = g.rows / 4, n = g.rows / 2;
+    const soa::SoAView view = sub_range_view(full, first, n);
+    Check v;
+    compare(model.run(view), g, first, n, tol, v);
+    const int64_t k = view.collections.empty() ? 0 : view.collections.begin()->second.offsets[0];
+    std::printf("%s view rows=%lld..%lld offsets from %lld max|diff|=%.3e %s\n", tag.c_str(),
+                static_cast<long long>(first), static_cast<long long>(first + n - 1),
+                static_cast<long long>(k), v.max_abs, v.ok ? "PASS" : "FAIL");
+    ok &= v.ok;
+    const int refused = refused_bad_offsets(model, full, tag);
+    std::printf("%s inconsistent offsets refused: %d/3\n", tag.c_str(), refused);
+    ok &= refused == 3;
   }
 
   // The SoA layer's cost: what run(view) adds over the graph on ready tensors (the larger of

@@ -146,6 +146,20 @@ at::Tensor wrap(std::span<const T> s, at::ScalarType dtype) {
                        at::TensorOptions().dtype(dtype));
 }
 
+// Offsets index the field arrays from any k >= 0 and never decrease (the graph gathers with
+// them as they are, so a bad entry would read the wrong objects, not fail).
+void check_offsets(const std::string& collection, std::span<const int64_t> offsets) {
+  if (offsets.front() < 0)
+    throw std::invalid_argument("offsets of '" + collection + "' start at " +
+                                std::to_string(offsets.front()) + "; they must be >= 0");
+  for (size_t i = 1; i < offsets.size(); ++i)
+    if (offsets[i] < offsets[i - 1])
+      throw std::invalid_argument("offsets of '" + collection + "' decrease at row " +
+                                  std::to_string(i - 1) + " (" + std::to_string(offsets[i - 1]) +
+                                  " then " + std::to_string(offsets[i]) +
+                                  "); they must be non-decreasing");
+}
+
 }  // namespace
 
 Model::Model(const std::filesystem::path& export_dir, Format format, int concurrency)
@@ -213,17 +227,18 @@ std::vector<at::Tensor> Model::inputs(const SoAView& view) const {
       throw std::invalid_argument("SoAView has no collection '" + in.column + "'");
     const Collection& coll = it->second;
     if (in.is_offsets) {
-      if (coll.offsets.front() != 0)
-        throw std::invalid_argument("offsets of '" + in.column + "' must start at 0");
+      check_offsets(in.column, coll.offsets);
       tensors.push_back(wrap(coll.offsets, at::kLong));
       continue;
     }
     auto f = coll.fields.find(in.field);
     if (f == coll.fields.end())
       throw std::invalid_argument("collection '" + in.column + "' has no field '" + in.field + "'");
-    if (static_cast<int64_t>(f->second.size()) != coll.offsets[rows])
+    // A view may hand over the collection's whole field arrays: longer is fine, shorter is not.
+    if (static_cast<int64_t>(f->second.size()) < coll.offsets[rows])
       throw std::invalid_argument("field '" + in.name + "' has " +
-                                  std::to_string(f->second.size()) + " values, offsets say " +
+                                  std::to_string(f->second.size()) +
+                                  " values, but the offsets of '" + in.column + "' end at " +
                                   std::to_string(coll.offsets[rows]));
     tensors.push_back(wrap(f->second, at::kFloat));
   }

@@ -15,7 +15,12 @@
 namespace soa {
 
 // One jagged collection (jet constituents, tracks) as a framework's SoA stores it: offsets of
-// length rows + 1 starting at 0, and one flat array per field of length offsets[rows].
+// length rows + 1, non-decreasing, and one flat array per field; row i owns elements
+// offsets[i] .. offsets[i + 1] - 1 of every field. The offsets may start at any k >= 0 and
+// the fields may be longer than offsets[rows]: a view of a sub-range of a larger collection
+// (offsets.subspan(first, rows + 1) with the whole field arrays) gives the same outputs as
+// those rows cut out. Offsets that start below 0, decrease, or end past a field's length are
+// refused (std::invalid_argument naming the collection).
 struct Collection {
   std::span<const int64_t> offsets;
   std::map<std::string, std::span<const float>> fields;

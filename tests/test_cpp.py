@@ -167,3 +167,38 @@ def test_cpp_fails_on_outputs_beyond_tolerance(replay_bin, exported, tmp_path) -
     run = _replay(replay_bin, export_dir, golden)
     assert run.returncode == 1, run.stdout + run.stderr
     assert run.stdout.count("FAIL") == 2 * len(FORMATS) + 1  # both batches per format, RESULT
+
+
+VIEW = re.compile(
+    r"\[(?P<fmt>\w+)\] view rows=(?P<first>\d+)\.\.(?P<last>\d+) offsets from (?P<k>\d+) "
+    r"max\|diff\|=(?P<diff>\S+) (?P<verdict>PASS|FAIL)"
+)
+
+
+@pytest.mark.parametrize("model", ["mlp", "deepsets"])
+def test_cpp_sub_range_view_gives_the_rows_outputs(replayed, model: str) -> None:
+    """soa::SoAView takes a framework's view of a sub-range: offsets from row k (not 0) into
+    the whole field arrays; the outputs are those rows' golden outputs."""
+    export_dir, run = replayed(model)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    found = {m["fmt"]: m for m in VIEW.finditer(run.stdout)}
+    assert set(found) == set(FORMATS), run.stdout
+    offsets = np.load(export_dir / "golden.npz")["part_offsets"]
+    for fmt, m in found.items():
+        first = int(m["first"])
+        assert first > 0
+        assert int(m["k"]) == offsets[first] > 0
+        assert m["verdict"] == "PASS"
+        tol = manifest["tolerance"][fmt]
+        assert float(m["diff"]) <= tol["abs"] + tol["rel"], m[0]
+
+
+@pytest.mark.parametrize("model", ["mlp", "deepsets"])
+def test_cpp_refuses_inconsistent_offsets(replayed, model: str) -> None:
+    _, run = replayed(model)
+    for fmt in FORMATS:
+        assert f"[{fmt}] inconsistent offsets refused: 3/3" in run.stdout, run.stdout
+        refused = [ln for ln in run.stdout.splitlines() if ln.startswith(f"[{fmt}] refused: ")]
+        assert any("start at -" in ln and "must be >= 0" in ln for ln in refused), refused
+        assert any("decrease at row" in ln for ln in refused), refused
+        assert any("values, but the offsets of 'part' end at" in ln for ln in refused), refused

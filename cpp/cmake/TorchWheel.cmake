@@ -61,7 +61,8 @@ if(NOT TARGET torch_wheel::torch)
   else()
     target_compile_definitions(torch_wheel::torch INTERFACE _GLIBCXX_USE_CXX11_ABI=0)
   endif()
-  target_compile_features(torch_wheel::torch INTERFACE cxx_std_17)
+  # torch 2.14's ATen headers refuse any standard before C++20 (2.10 and 2.11 take C++17).
+  target_compile_features(torch_wheel::torch INTERFACE cxx_std_20)
   # --no-as-needed: keep libtorch although nothing references it (see above); Ubuntu's
   # toolchain drops unreferenced libraries by default.
   target_link_options(torch_wheel::torch INTERFACE "LINKER:--no-as-needed")
