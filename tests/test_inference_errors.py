@@ -145,9 +145,11 @@ def test_counts_that_wrap_around_or_overflow(model, cols) -> None:
         model(_counts(cols, huge))
     short = counts.astype(np.int64)
     short[2] += 1
-    with pytest.raises(InputError, match=r"'part_counts' sums to \d+ objects, but jagged field"):
+    with pytest.raises(
+        InputError, match=r"has \d+ values but 'part_counts' sums to \d+: the counts must cover"
+    ):
         model(_counts(cols, short))
-    with pytest.raises(InputError, match="counts are whole numbers"):
+    with pytest.raises(InputError, match="'part_counts' has dtype bool, which cannot be cast"):
         model(_counts(cols, counts.astype(bool)))
 
 

@@ -5,19 +5,12 @@
 >>> probs = model({"jet_pt": pt, ..., "part_offsets": offsets, "part_pt": part_pt, ...})
 >>> probs["prob_top"]                                 # (n_rows,) float32
 
-- ``load(dir, "torchscript" | "aoti" | "onnx")``; the default takes the first of
-  ``PREFERENCE`` whose parity check passed and that can run here. The manifest is checked
-  against its hash and the schema; the artifact's and golden file's sha256 are verified;
-  files outside the export directory and failed parity are refused.
-- Inputs are Structure of Arrays (a mapping of column name to 1-D array, a pyarrow Table or
-  RecordBatch, an awkward record array), matched by the contract's names. Contiguous columns
-  of the contract's dtype go to the backend without a copy; allowed conversions go into
-  buffers the model reuses. Offsets may be a view of a larger collection
-  (``project.contract.OFFSETS_RULE``). Outputs: ``{output name: (n_rows,) float32}``.
-- Threads: the single-threaded deployment policy is applied at load. One loaded model may be
-  shared by many threads; results do not depend on their number.
-- The runtime imports nothing of the project but ``project.contract``; pyarrow and awkward
-  only when such inputs arrive. ``python -m project.inference`` is ``project.predict.cli``.
+The export is checked before use (manifest hash and schema, artifact and golden sha256, no file
+outside the directory, parity). Inputs are SoA columns (a mapping, an Arrow table or batch, an
+awkward record array) matched by name, handed over without a copy where they have the
+contract's dtype; offsets may be a view of a larger collection (``OFFSETS_RULE``). One thread
+per call by default; a model may be shared by many threads. It imports nothing of the project
+but ``project.contract``. ``python -m project.inference`` is ``project.predict.cli``.
 """
 
 from project.inference.backends import FORMATS

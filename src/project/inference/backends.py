@@ -22,7 +22,6 @@ class Backend:
     """An artifact ready to run: ``backend(tensors)`` runs ``call``, tensors to tensors."""
 
     format: str = ""
-    device: str = "cpu"
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return self.call(inputs)
@@ -47,7 +46,6 @@ class TorchScriptBackend(Backend):
     format = "torchscript"
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
-        self.device = device
         self.module = torch.jit.load(str(path), map_location=device)
         self.module.eval()
 
@@ -58,9 +56,8 @@ class TorchScriptBackend(Backend):
 
 
 class AOTIBackend(Backend):
-    """An AOTInductor package loaded with ``torch._inductor.aoti_load_package``. Loading
-    compiled code can crash the process on some torch builds; callers that must survive that
-    (the export's parity check) load it in a child process."""
+    """An AOTInductor package loaded with ``torch._inductor.aoti_load_package`` (compiled code,
+    which can crash the process on some torch builds: the parity check loads it in a child)."""
 
     format = "aoti"
 
@@ -70,7 +67,6 @@ class AOTIBackend(Backend):
         import torch._inductor
         import torch._inductor.codecache
 
-        self.device = device
         self.package = torch._inductor.aoti_load_package(str(path))
 
     def call(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -97,7 +93,6 @@ class OnnxBackend(Backend):
             raise ValueError(
                 f"ONNX artifacts run on the CPU execution provider here, not {device!r}"
             )
-        self.optimization = optimization
         options = onnx_session_options(policy or ThreadPolicy.single(), optimization)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -1,12 +1,7 @@
-"""Other input forms to a mapping of SoA columns: Arrow tables and awkward record arrays.
-
-pyarrow and awkward are optional: each is imported only when such an input arrives, detected
-by the type's module. Numbers are taken from their buffers without a copy where the layout
-allows it (Arrow hands out read-only numpy views of its buffers).
-
-Naming: a jagged collection ``part`` with field ``pt`` is the list column ``part_pt`` (Arrow,
-awkward), or field ``pt`` of a list-of-records field ``part`` (awkward).
-"""
+"""Arrow tables and awkward record arrays as mappings of SoA columns (each library imported only
+when its input arrives), their buffers taken without a copy where the layout allows. A jagged
+collection ``part`` with field ``pt`` is the list column ``part_pt``, or (awkward) field ``pt``
+of a list-of-records field ``part``."""
 
 from __future__ import annotations
 
@@ -21,8 +16,7 @@ from project.inference.errors import InputError
 
 
 class Columns(dict):
-    """Columns taken from a table or record array; ``available`` lists all of its column names
-    (for error messages), not only those the contract asked for."""
+    """Columns of a table; ``available`` names all of its columns (for error messages)."""
 
     def __init__(self, names: list[str]) -> None:
         super().__init__()
@@ -45,11 +39,8 @@ def to_columns(inputs: Any, contract: InputContract) -> Mapping[str, Any]:
 
 
 def from_arrow(table: Any, contract: InputContract) -> Columns:
-    """Columns of a ``pyarrow.Table`` or ``RecordBatch``; list columns are jagged fields.
-
-    Single-chunk columns (every ``RecordBatch``; tables read in one piece) are zero-copy;
-    multi-chunk table columns are joined first (a copy).
-    """
+    """Columns of a ``pyarrow.Table`` or ``RecordBatch``, list columns as jagged fields; a
+    column of several chunks is joined first (a copy)."""
     names = Counter(table.schema.names)  # a name can occur more than once in a schema
 
     def column(name: str) -> Any:
@@ -103,21 +94,16 @@ def _numbers(ak: Any, array: Any, name: str) -> np.ndarray:
         )
     values = ak.to_numpy(array, allow_missing=True)
     if isinstance(values, np.ma.MaskedArray):
-        missing = int(np.ma.count_masked(values))
-        if missing:
+        if missing := int(np.ma.count_masked(values)):
             raise InputError(f"awkward field {name!r} has {missing} missing (None) values")
         values = values.data
     return values
 
 
 def from_awkward(array: Any, contract: InputContract) -> Columns:
-    """Columns of an awkward record array (one record per row).
-
-    Flat columns are its numeric fields; collection ``part`` is either a list-of-records
-    field ``part`` (``var * {pt, eta, ...}``) or list fields ``part_pt``, ``part_eta``...,
-    given to the model as their values and ``part_counts``. Filtered or reordered arrays
-    (``events[mask]``) are gathered by awkward.
-    """
+    """Columns of an awkward record array (one record per row): numeric fields, and per
+    collection its values and ``<collection>_counts``; filtered or reordered arrays
+    (``events[mask]``) are gathered by awkward."""
     import awkward as ak
 
     fields = set(array.fields)

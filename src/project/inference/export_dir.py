@@ -1,10 +1,6 @@
-"""Reading an export directory: the manifest, its checks, and the choice of artifact.
-
-``manifest.json`` is all the runtime reads of the training side (DESIGN.md). Before any of it
-is used, its hash (``manifest.sha256``) is checked, it is validated against this runtime's
-copy of the schema (``project.contract.manifest_schema()``; the copy inside the export is for
-other consumers), and every file it names must lie inside the export directory.
-"""
+"""An export directory: ``manifest.json`` (all the runtime reads of the training side), checked
+against ``manifest.sha256`` and this runtime's own copy of the schema (the export's copy is
+for other consumers), the files it names (inside the directory only), the artifact choice."""
 
 from __future__ import annotations
 
@@ -28,11 +24,9 @@ from project.inference.errors import (
 )
 
 MANIFEST_FILE, MANIFEST_HASH_FILE = "manifest.json", "manifest.sha256"
-# Default choice among the artifacts that passed parity, fastest first, from
-# ``scripts/benchmark.py inference`` on the toy models (one thread, x86-64, torch 2.14):
-# AOTInductor's compiled C++ is fastest or tied at every batch size; ONNX Runtime is next
-# (ahead at very large batches, where its arena saves page faults); TorchScript's interpreter
-# is slowest at small batches. The manifest has no latency from the machine that runs it.
+# Default choice among the artifacts that passed parity, fastest first, as
+# ``scripts/benchmark.py inference`` measured on the toy models (one thread, x86-64): compiled
+# AOTInductor code, then ONNX Runtime (ahead at very large batches), then TorchScript.
 PREFERENCE = ("aoti", "onnx", "torchscript")
 # CPU flags each token of Inductor's vector ISA name needs (see /proc/cpuinfo).
 _ISA_FLAGS = {
@@ -66,9 +60,8 @@ class ExportDir:
     artifacts: tuple[Artifact, ...]
 
     def file(self, name: str, what: str) -> Path:
-        """``path / name``; ``ArtifactError`` if it resolves outside ``path`` (an absolute
-        name, ``..``, a symbolic link to elsewhere), which would let an edited or copied
-        export serve another directory's files."""
+        """``path / name``; ``ArtifactError`` if it resolves outside ``path`` (absolute, ``..``,
+        a symbolic link), which would let an edited or copied export serve other files."""
         resolved = (self.path / name).resolve()
         if Path(name).is_absolute() or not resolved.is_relative_to(self.path.resolve()):
             raise ArtifactError(
@@ -78,9 +71,9 @@ class ExportDir:
         return self.path / name
 
     def golden(self) -> dict[str, np.ndarray]:
-        """The golden inputs and expected outputs, checked against the manifest's hash and
-        list. ``ArtifactError`` for a file that is not plain numeric ``.npz`` (object arrays
-        need pickle, which can run code and is never used here) or lacks what it lists."""
+        """The golden inputs and expected outputs, checked against the manifest's hash;
+        ``ArtifactError`` for a file that is not numeric ``.npz`` (object arrays need pickle,
+        which can run code and is never used here) or lacks an input or output."""
         golden = self.manifest["golden"]
         path = self.file(golden["file"], "golden file")
         verify_file(path, golden["sha256"], "golden file")
@@ -92,29 +85,15 @@ class ExportDir:
                 f"golden file {path} cannot be read as numeric arrays: {err}. Golden files "
                 "hold numbers only (no Python objects); export again."
             ) from err
-        needed = {*self.contract.input_names, *self.output_names}
-        if not needed <= set(arrays) or sorted(arrays) != sorted(golden["arrays"]):
-            raise ArtifactError(
-                f"golden file {path} holds {sorted(arrays)}; the manifest lists "
-                f"{sorted(golden['arrays'])}, with every input and output. Export again."
-            )
+        if missing := {*self.contract.input_names, *self.output_names} - set(arrays):
+            raise ArtifactError(f"golden file {path} lacks {sorted(missing)}. Export again.")
         return arrays
-
-    def tolerance(self, fmt: str) -> tuple[float, float]:
-        """``(abs, rel)`` that outputs of format ``fmt`` are held to."""
-        if fmt not in self.manifest["tolerance"]:
-            raise ArtifactError(f"{self.path / MANIFEST_FILE} states no tolerance for {fmt}")
-        return self.manifest["tolerance"][fmt]["abs"], self.manifest["tolerance"][fmt]["rel"]
 
 
 def read_export(export_dir: str | Path) -> ExportDir:
-    """Read and check ``export_dir/manifest.json``.
-
-    Raises ``MissingManifestError`` (not an export directory, or an unfinished one),
-    ``IntegrityError`` (``manifest.sha256`` missing or not the manifest's) or ``ArtifactError``
-    (not JSON, not valid under the schema, inputs that contradict the contract, a file
-    outside the export directory).
-    """
+    """Read and check ``export_dir/manifest.json``: ``MissingManifestError`` (none),
+    ``IntegrityError`` (its hash missing or different) or ``ArtifactError`` (not JSON, not
+    valid, inputs that contradict the contract, a file outside the directory)."""
     path = Path(export_dir)
     manifest_file, hash_file = path / MANIFEST_FILE, path / MANIFEST_HASH_FILE
     if not manifest_file.is_file():
@@ -215,11 +194,8 @@ def aoti_problem(export: ExportDir, artifact: Artifact) -> str | None:
 def choose_artifact(
     export: ExportDir, backend: str | None, device: str, onnx_optimization: str
 ) -> tuple[Artifact, list[str]]:
-    """The artifact to load and the reasons other candidates were passed over.
-
-    ``backend`` ``None`` (or ``"auto"``) takes the first of ``PREFERENCE`` that passed parity
-    and can run here; a named one (of ``FORMATS``) must have passed, or ``ParityFailedError``.
-    """
+    """The artifact to load and why others were passed over: for ``backend`` ``None`` or
+    ``"auto"`` the first of ``PREFERENCE`` that passed parity and can run here."""
     notes: list[str] = []
     for fmt in PREFERENCE if backend in (None, "auto") else (backend,):
         art = next((a for a in export.artifacts if a.format == fmt and a.device == device), None)

@@ -26,11 +26,10 @@ DEFAULT_MAX_BATCH = 4096
 class InferenceModel:
     """An exported model ready to run on SoA inputs; made by ``load``.
 
-    Call it with a mapping of column name to 1-D numpy array (jagged collections as flat field
-    arrays plus ``<collection>_offsets`` or ``<collection>_counts``), a ``pyarrow.Table`` or
-    ``RecordBatch``, or an awkward record array; it returns ``{output name: (n_rows,)
-    float32}``. One model may be shared by any number of threads: each gets its own buffers
-    (``threading.local``) and the backends may be called concurrently, so no lock is held.
+    Call it with a mapping of column name to 1-D array (jagged collections as field arrays
+    plus ``<collection>_offsets`` or ``_counts``), an Arrow table or batch, or an awkward
+    record array; it returns ``{output name: (n_rows,) float32}``. Threads may share it: each
+    has its own buffers (``threading.local``), and no lock is held around the backend.
 
     Attributes
     ----------
@@ -78,8 +77,7 @@ class InferenceModel:
         )
 
     def with_nan_policy(self, nan_policy: str) -> InferenceModel:
-        """This model under another ``nan_policy``, sharing its loaded backend (not loaded a
-        second time); its buffers are its own."""
+        """This model under another ``nan_policy``, sharing its loaded backend."""
         other = copy.copy(self)
         other.nan_policy, other._plan = nan_policy, InputPlan(self.contract, nan_policy)
         other._local = threading.local()
@@ -99,13 +97,9 @@ class InferenceModel:
     def __call__(
         self, inputs: Any, *, out: Mapping[str, np.ndarray] | None = None
     ) -> dict[str, np.ndarray]:
-        """Evaluate the model on SoA ``inputs`` (see the class); extra columns are ignored.
-
-        ``out`` (optional): ``{output name: float32 array of >= n_rows}``, written in place;
-        after a first call of that size a call allocates no numpy memory. Returns ``{output
-        name: (n_rows,) float32}``: the caller's arrays, or with ``reuse_outputs=True`` views
-        of this thread's buffers, overwritten by its next call.
-        """
+        """``{output name: (n_rows,) float32}`` for SoA ``inputs`` (extra columns ignored):
+        written into ``out`` (``{name: float32 array of >= n_rows}``) if given, else new
+        arrays, or with ``reuse_outputs=True`` this thread's buffers (until its next call)."""
         ws = self.workspace()
         arrays, n_rows = self._plan.prepare(to_columns(inputs, self.contract), ws)
         outs = None if out is None and not self.reuse_outputs else self._outputs(n_rows, out, ws)
@@ -165,7 +159,9 @@ def check_golden(model: InferenceModel, artifact: Artifact) -> float:
     also warms the backend up (TorchScript optimises on its first calls)."""
     arrays = model.export.golden()
     got = model({n: arrays[n] for n in model.input_names})
-    atol, rtol = model.export.tolerance(artifact.format)
+    if (tolerance := model.export.manifest["tolerance"].get(artifact.format)) is None:
+        raise ArtifactError(f"{model.export.path} states no tolerance for {artifact.format}")
+    atol, rtol = tolerance["abs"], tolerance["rel"]
     worst = 0.0
     for name in model.output_names:
         diff = float(np.max(np.abs(got[name] - arrays[name]), initial=0.0))
@@ -195,29 +191,27 @@ def load(
     Parameters
     ----------
     export_dir
-        A directory written by ``scripts/export.py`` (``manifest.json`` plus artifacts).
+        A directory written by ``scripts/export.py``.
     backend
         ``"torchscript"``, ``"aoti"``, ``"onnx"``, or ``None``/``"auto"``: the first of
-        ``PREFERENCE`` whose parity check passed and that can run here (AOTInductor code
-        needs the exporting torch build and CPU instruction set).
+        ``PREFERENCE`` that passed parity and can run here (AOTInductor code needs the
+        exporting torch build and CPU instruction set).
     device
-        Only ``"cpu"``: the deployment target of this runtime.
+        Only ``"cpu"``.
     threads
-        ``"single"`` (default; PyTorch intra-/inter-op threads 1, ONNX Runtime one intra- and
-        one inter-op thread, sequential execution), ``"unrestricted"`` or a ``ThreadPolicy``.
-        Applied to PyTorch once per process and checked: ``ThreadPolicyError`` if it is too late.
+        ``"single"`` (default: one PyTorch and ONNX Runtime thread each, sequential),
+        ``"unrestricted"`` or a ``ThreadPolicy``; ``ThreadPolicyError`` if too late to apply.
     max_batch
-        Rows evaluated per backend call; larger inputs are split. The results are those of
-        one call up to rounding (TorchScript's and AOTInductor's kernels round differently
-        for different batch sizes, about 1e-7 relative; ONNX Runtime's are bit-identical).
+        Rows per backend call; larger inputs are split (results equal up to rounding: about
+        1e-7 relative for TorchScript and AOTInductor, bit-identical for ONNX Runtime).
     nan_policy
-        ``"raise"`` (default: NaN or Inf in an input is an ``InputError``) or ``"ignore"``.
+        ``"raise"`` (NaN or Inf in an input is an ``InputError``) or ``"ignore"``.
     reuse_outputs
         Return views of per-thread output buffers (valid until that thread's next call).
     onnx_optimization
         ONNX Runtime graph optimisation, ``"all"`` or ``"none"`` (each has its parity verdict).
     verify_golden
-        Run the export's golden rows and compare with their expected outputs before returning.
+        Reproduce the export's golden outputs before returning.
 
     Raises
     ------

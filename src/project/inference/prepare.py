@@ -1,12 +1,8 @@
-"""SoA columns to the graph's inputs: matched by name, checked, converted only where needed.
-
-A 1-D contiguous column of the contract's dtype is passed on as it is (no copy). Allowed
-conversions (numbers to float32, booleans where a feature is declared boolean, integers or
-integral floats to int64 offsets, counts to offsets) write into the thread's ``Workspace``.
-Offsets that are a view of a larger collection are cut to the rows they describe, so every
-backend sees offsets from 0 and only the objects it reads. Anything else is an ``InputError``
-that names the column: a wrong answer is never returned silently.
-"""
+"""SoA columns to the graph's inputs, matched by name and checked: a 1-D contiguous column of
+the contract's dtype is passed on as it is; allowed conversions (numbers to float32, booleans
+where declared, integers to int64 offsets, counts to offsets) go into the thread's
+``Workspace``; offsets that are a view of a larger collection are cut to the rows they
+describe. Anything else is an ``InputError`` naming the column, never a wrong answer."""
 
 from __future__ import annotations
 
@@ -26,9 +22,8 @@ _I64_MAX = np.iinfo(np.int64).max
 
 
 class Workspace:
-    """Growable 1-D buffers of one thread (``buffers``: key -> the whole buffer). A buffer
-    grows by at least half when a larger batch arrives; smaller calls use its first items, so
-    after warm-up a call allocates nothing for its conversions."""
+    """One thread's growable 1-D buffers (``buffers``: key -> array): they grow by at least
+    half for a larger batch, so after warm-up a call allocates nothing for its conversions."""
 
     def __init__(self) -> None:
         self.buffers: dict[str, np.ndarray] = {}
@@ -81,15 +76,12 @@ def _as_array(value: Any, name: str) -> np.ndarray:
 
 def _decreasing_at(arr: np.ndarray, ws: Workspace) -> int:
     """The first row where int64 ``arr`` decreases, or -1 (in scratch memory)."""
-    if arr.shape[0] < 2:
-        return -1
-    bad = np.less(arr[1:], arr[:-1], out=ws.get("scratch:bool", BOOL, arr.shape[0] - 1))
+    bad = np.less(arr[1:], arr[:-1], out=ws.get("scratch:bool", BOOL, max(len(arr) - 1, 0)))
     return int(bad.argmax()) if bad.any() else -1
 
 
 def _to_int64(arr: np.ndarray, name: str, buf: np.ndarray) -> np.ndarray:
-    """Integers or integral floats ``arr`` cast into int64 ``buf``; ``InputError`` for any
-    value the cast would change."""
+    """``arr`` cast into int64 ``buf``; ``InputError`` for any value the cast would change."""
     kind = arr.dtype.kind
     if kind not in "iuf":
         raise InputError(f"{name!r} has dtype {arr.dtype}, which cannot be cast safely to int64")
@@ -111,9 +103,8 @@ def _to_int64(arr: np.ndarray, name: str, buf: np.ndarray) -> np.ndarray:
 
 
 class InputPlan:
-    """How one contract's inputs are found, checked and converted; ``nan_policy="raise"``
-    (default) makes NaN or Inf in a value the model reads an ``InputError``, ``"ignore"``
-    passes them on."""
+    """How one contract's inputs are found, checked and converted; with ``nan_policy="raise"``
+    NaN or Inf in a value the model reads is an ``InputError``, ``"ignore"`` passes them on."""
 
     def __init__(self, contract: InputContract, nan_policy: str = "raise") -> None:
         if nan_policy not in NAN_POLICIES:
@@ -237,12 +228,6 @@ def _collection(
     fields = {n: _as_array(columns[n], n) for n in coll.field_input_names}
     if value is None:
         offsets = _from_counts(counts, counts_name, ws)
-        for n, arr in fields.items():
-            if len(arr) != offsets[-1]:
-                raise InputError(
-                    f"{counts_name!r} sums to {int(offsets[-1])} objects, but jagged field "
-                    f"{n!r} has {len(arr)} values: the counts do not match the field"
-                )
     else:
         offsets = _offsets(value, name, ws)
         if counts is not None:
@@ -254,11 +239,11 @@ def _collection(
                 )
     first, last = int(offsets[0]), int(offsets[-1])
     for n, arr in fields.items():
-        if len(arr) < last:
-            raise InputError(
-                f"jagged field {n!r} has {len(arr)} values but {name}[-1] is {last}: the "
-                "offsets point past the end of the field"
-            )
+        if len(arr) < last or (value is None and len(arr) > last):  # counts cover all values
+            why = f"{counts_name!r} sums to {last}: the counts must cover the field exactly"
+            if value is not None:
+                why = f"{name}[-1] is {last}: the offsets point past the end of the field"
+            raise InputError(f"jagged field {n!r} has {len(arr)} values but {why}")
     if first:  # a view of a larger collection: its rows cut out, the offsets from 0
         offsets = np.subtract(offsets, first, out=ws.get(name, I64, len(offsets)))
     feats = zip(coll.fields, fields.items(), strict=True)
@@ -291,8 +276,6 @@ def _from_counts(value: Any, name: str, ws: Workspace) -> np.ndarray:
     """Offsets from 0 made from counts column ``value``: whole numbers in the int64 range,
     not negative, with a sum that does not overflow."""
     counts = _as_array(value, name)
-    if counts.dtype.kind not in "iuf":
-        raise InputError(f"{name!r} has dtype {counts.dtype}; counts are whole numbers")
     offsets = ws.get(name, I64, counts.shape[0] + 1)
     offsets[0] = 0
     tail = _to_int64(counts, name, offsets[1:])

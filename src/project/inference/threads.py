@@ -17,9 +17,8 @@ class ThreadPolicyError(RuntimeError):
 
 @dataclass(frozen=True)
 class ThreadPolicy:
-    """How many threads a loaded model may use: ``intra_op`` and ``inter_op`` apply to
-    PyTorch (process-wide) and to each ONNX Runtime session; ``None`` leaves PyTorch's
-    setting as it is."""
+    """Threads a loaded model may use, for PyTorch (process-wide) and each ONNX Runtime
+    session; ``None`` leaves PyTorch's setting as it is."""
 
     intra_op: int | None = 1
     inter_op: int | None = 1
@@ -47,12 +46,9 @@ _lock = threading.Lock()
 
 
 def apply_torch_policy(policy: ThreadPolicy) -> dict[str, int]:
-    """Set PyTorch's thread pools to ``policy`` and check the result.
-
-    ``torch.set_num_interop_threads`` only works before any inter-op work has started; if it is
-    too late and the pool has a different size, this raises ``ThreadPolicyError`` rather than
-    run with the wrong policy. Returns the observed ``{"intra_op": n, "inter_op": m}``.
-    """
+    """Set PyTorch's thread pools to ``policy``; returns the observed ``{"intra_op": n,
+    "inter_op": m}``. The inter-op pool can only be sized before any inter-op work: later,
+    this raises ``ThreadPolicyError`` rather than run with the wrong policy."""
     with _lock:
         if policy.intra_op is not None and torch.get_num_threads() != policy.intra_op:
             torch.set_num_threads(policy.intra_op)
@@ -66,10 +62,8 @@ def apply_torch_policy(policy: ThreadPolicy) -> dict[str, int]:
                     "(or call apply_torch_policy) before any other PyTorch work in this process, "
                     "or choose ThreadPolicy.unrestricted() explicitly."
                 ) from err
-        observed = {
-            "intra_op": torch.get_num_threads(),
-            "inter_op": torch.get_num_interop_threads(),
-        }
+        intra, inter = torch.get_num_threads(), torch.get_num_interop_threads()
+    observed = {"intra_op": intra, "inter_op": inter}
     for key, wanted in (("intra_op", policy.intra_op), ("inter_op", policy.inter_op)):
         if wanted is not None and observed[key] != wanted:
             raise ThreadPolicyError(
@@ -82,10 +76,8 @@ def onnx_session_options(policy: ThreadPolicy, optimization: str = "all") -> obj
     """``onnxruntime.SessionOptions`` for ``policy``; ``optimization`` is ``all`` or ``none``."""
     import onnxruntime as ort
 
-    levels = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }
+    level = ort.GraphOptimizationLevel
+    levels = {"all": level.ORT_ENABLE_ALL, "none": level.ORT_DISABLE_ALL}
     if optimization not in levels:
         raise ValueError(
             f"unknown ONNX optimisation level {optimization!r}; use one of {list(levels)}"
