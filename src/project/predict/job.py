@@ -203,10 +203,10 @@ class Job:
     def provenance(self, item: InputFile, fmt: str) -> dict[str, Any]:
         """How an output of ``item`` is made; a rerun skips an output made the same way."""
         return {
-            "export": str(Path(self.ref.path).resolve()),
+            "export": self.ref.path,
             "manifest_sha256": self.ref.manifest_sha256,
             "backend": self.ref.backend,
-            "input": str(Path(item.path).resolve()),
+            "input": item.path,
             "apply_selection": self.settings.apply_selection,
             "format": fmt,
         }
@@ -258,19 +258,17 @@ def prepare(settings: PredictSettings) -> Job:
     for path, fmt, out_fmt, out in zip(paths, formats, out_formats, outputs, strict=True):
         item = InputFile(path, fmt, settings.tree if fmt == "root" else None)
         if out.exists() and not settings.overwrite:
-            made = read_provenance(out, out_fmt)
-            if made == job.provenance(item, out_fmt):
+            made, wanted = read_provenance(out, out_fmt), job.provenance(item, out_fmt)
+            if made == wanted:
                 job.done.append(FileResult(path, str(out), "skipped"))
+                continue
+            if made is None:
+                how = "it records no provenance (it was not written by the predict job)"
             else:
-                job.done.append(
-                    FileResult(
-                        path,
-                        str(out),
-                        "failed",
-                        error=f"{out} exists but was not made by this export with these "
-                        f"settings (it records {made}); set overwrite=true to redo it",
-                    )
-                )
+                differ = {k: made.get(k) for k in wanted if made.get(k) != wanted[k]}
+                how = f"it was made with {differ}"
+            error = f"{out} exists, but not as this job would make it: {how}; set overwrite=true"
+            job.done.append(FileResult(path, str(out), "failed", error=error + " to redo it"))
             continue
         job.pending.append((item, out, out_fmt))
     return job
