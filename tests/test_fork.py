@@ -262,6 +262,18 @@ def test_no_run_outputs_and_no_template_tooling(fork: Path) -> None:
     assert ' -e ".[dev,pythia]"' in (fork / "Makefile").read_text()  # the jets are kept
 
 
+def template_configs(group: str) -> list[str]:
+    """Names of the template's ``configs/<group>/*.yaml``."""
+    return sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
+
+
+def removed_data(*kept: str) -> str:
+    """The ``"data": [...]`` entry of the new analysis's ``REMOVED_EXAMPLES`` when it keeps
+    ``kept`` (and toy, always kept)."""
+    names = [n for n in template_configs("data") if n not in ("base", "toy", *kept)]
+    return '"data": [' + ", ".join(f'"{n}"' for n in names) + "]"
+
+
 def test_removed_examples(fork: Path) -> None:
     configs = fork / "configs"
     assert sorted(p.stem for p in (configs / "model").glob("*.yaml")) == ["deepsets", "mlp"]
@@ -271,13 +283,21 @@ def test_removed_examples(fork: Path) -> None:
         "root",
         "toy",
     ]
-    assert sorted(p.stem for p in (configs / "experiment").glob("*.yaml")) == ["deepsets", "mlp"]
+    on_transformer = [
+        n
+        for n in template_configs("experiment")
+        if "/model: transformer" in (ROOT / "configs" / "experiment" / f"{n}.yaml").read_text()
+    ]
+    assert on_transformer
+    assert sorted(p.stem for p in (configs / "experiment").glob("*.yaml")) == [
+        n for n in template_configs("experiment") if n not in on_transformer
+    ]
     assert "  - data: jets\n" in (configs / "train.yaml").read_text()
     conftest = (fork / "tests" / "conftest.py").read_text()
-    assert (
-        'REMOVED_EXAMPLES = {\n    "data": ["hzz", "parquet"],\n    "model": ["transformer"],'
-        in conftest
+    expected = (
+        f'REMOVED_EXAMPLES = {{\n    {removed_data("jets", "root")},\n    "model": ["transformer"],'
     )
+    assert expected in conftest
     # Lists naming every model lose the removed one.
     every_model = re.compile(r'"mlp", "deepsets", "transformer"|"deepsets", "mlp", "transformer"')
     for path in (ROOT / "tests").glob("test_*.py"):
@@ -359,7 +379,7 @@ def test_without_the_jets_it_carries_no_pythia(made_root) -> None:
     assert "pythia" not in makefile.lower()
     assert "  - data: root\n" in (fork / "configs" / "train.yaml").read_text()
     assert "  - override /data: root\n" in (fork / "configs/experiment/mlp.yaml").read_text()
-    assert '"data": ["hzz", "jets", "parquet"]' in (fork / "tests" / "conftest.py").read_text()
+    assert removed_data("root") in (fork / "tests" / "conftest.py").read_text()
     assert "default data  root (the template's default was removed)" in result.stdout
     assert "extras        without pythia" in result.stdout
 
