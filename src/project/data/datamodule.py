@@ -44,6 +44,35 @@ def fit_standardizer(data: ColumnarData, contract: InputContract) -> InputContra
     return fit.result()
 
 
+def _check_whole(key: str, value: Any, minimum: int, example: int) -> int:
+    """``value`` if it is a whole number >= ``minimum``; otherwise an error naming the config
+    key ``key`` and what to give (``example``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(
+            f"{key} must be a whole number, got {value!r} ({type(value).__name__}); give for "
+            f"instance {key}={example}"
+        )
+    if value < minimum:
+        raise ValueError(
+            f"{key} must be >= {minimum}, got {value}; give for instance {key}={example}"
+        )
+    return int(value)
+
+
+def _check_split(split: Any) -> tuple[float, ...]:
+    """The three split fractions as a tuple, or an error saying what ``data.split`` takes."""
+    numbers = not isinstance(split, (str, bytes)) and isinstance(split, Sequence)
+    if numbers:
+        numbers = all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in split)
+    if not numbers or len(split) != 3:
+        raise ValueError(
+            f"data.split must be three split fractions (train, validation, test), got "
+            f"{list(split) if numbers else split!r}; split fractions must be positive and sum "
+            "to 1, for instance data.split=[0.7,0.15,0.15]"
+        )
+    return tuple(float(f) for f in split)
+
+
 class SoADataModule(L.LightningDataModule):
     """Loads one source, splits it by seed, fits the standardisation and serves SoA batches.
 
@@ -134,13 +163,9 @@ class SoADataModule(L.LightningDataModule):
             contract if isinstance(contract, InputContract) else dict(contract)
         )
         self.weight, self.nan_policy = weight, nan_policy
-        self.split, self.seed = tuple(split), seed
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(
-                f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size} and "
-                f"{eval_batch_size}"
-            )
+        self.split, self.seed = _check_split(split), _check_whole("data.seed", seed, 0, 42)
+        self.batch_size = _check_whole("data.batch_size", batch_size, 1, 256)
+        self.eval_batch_size = _check_whole("data.eval_batch_size", eval_batch_size, 1, 1024)
         if resident not in (True, False, "auto"):
             raise ValueError(f"resident must be true, false or auto, got {resident!r}")
         self.drop_last, self.pin_memory, self.prefetch = drop_last, pin_memory, prefetch
