@@ -146,7 +146,10 @@ def test_last_checkpoint_is_latest_epoch_not_best(
 
 
 def test_resume_from_last(tmp_path: Path, fast_overrides, compose_train) -> None:
+    logs = tmp_path / "logs"
     first_cfg = compose_train([*fast_overrides, "model=mlp", "test=false"], tmp_path / "first")
+    with open_dict(first_cfg):
+        first_cfg.paths.output_dir = str(logs / "train" / "runs" / "first")  # a run of this task
     train(first_cfg)
     first_dir = Path(first_cfg.paths.output_dir)
     first = read_summary(first_dir)
@@ -157,7 +160,7 @@ def test_resume_from_last(tmp_path: Path, fast_overrides, compose_train) -> None
         tmp_path / "second",
     )
     with open_dict(cfg):
-        cfg.paths.log_dir = str(tmp_path / "first")  # where the first run lives
+        cfg.paths.log_dir = str(logs)  # where the first run lives
     train(cfg)
     second = read_summary(Path(cfg.paths.output_dir))
     assert second["resumed_from"] == str(first_dir / "checkpoints" / "last.ckpt")
@@ -167,28 +170,32 @@ def test_resume_from_last(tmp_path: Path, fast_overrides, compose_train) -> None
 
 
 def test_resolve_ckpt_path(tmp_path: Path) -> None:
-    log_dir = tmp_path / "logs"
-    own_dir = log_dir / "train" / "runs" / "c"
-    assert resolve_ckpt_path(None, own_dir, log_dir) is None
+    task_dir = tmp_path / "logs" / "train"
+    own_dir = task_dir / "runs" / "c"
+    assert resolve_ckpt_path(None, own_dir, task_dir) is None
     with pytest.raises(FileNotFoundError, match=r"no checkpoints/last\.ckpt"):
-        resolve_ckpt_path("last", own_dir, log_dir)
+        resolve_ckpt_path("last", own_dir, task_dir)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), own_dir, log_dir)
+        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), own_dir, task_dir)
     paths = {}
     for i, name in enumerate(("a", "b")):
-        p = log_dir / "train" / "runs" / name / "checkpoints" / "last.ckpt"
+        p = task_dir / "runs" / name / "checkpoints" / "last.ckpt"
         p.parent.mkdir(parents=True)
         p.write_bytes(b"x")
         os.utime(p, (1000 + i, 1000 + i))
         paths[name] = p
-    assert resolve_ckpt_path("last", own_dir, log_dir) == str(paths["b"])  # the newest
+    # The newest run of another task is never this task's ckpt_path=last.
+    other = tmp_path / "logs" / "other" / "runs" / "z" / "checkpoints" / "last.ckpt"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"x")
+    assert resolve_ckpt_path("last", own_dir, task_dir) == str(paths["b"])  # the newest
     os.utime(paths["a"], (2000, 2000))
-    assert resolve_ckpt_path("last", own_dir, log_dir) == str(paths["a"])
+    assert resolve_ckpt_path("last", own_dir, task_dir) == str(paths["a"])
     own = own_dir / "checkpoints" / "last.ckpt"
     own.parent.mkdir(parents=True)
     own.write_bytes(b"x")
-    assert resolve_ckpt_path("last", own_dir, log_dir) == str(own)  # a restarted run
-    assert resolve_ckpt_path(str(paths["b"]), own_dir, log_dir) == str(paths["b"])
+    assert resolve_ckpt_path("last", own_dir, task_dir) == str(own)  # a restarted run
+    assert resolve_ckpt_path(str(paths["b"]), own_dir, task_dir) == str(paths["b"])
 
 
 def test_module_refuses_unfitted_contract(train_cfg) -> None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 from project.utils import atomic_write_text, sha256_file
 
@@ -46,3 +51,59 @@ class HashedModelCheckpoint(ModelCheckpoint):
             hashes = {k: v for k, v in hashes.items() if (record.parent / k).is_file()}
             hashes[Path(filepath).name] = sha256_file(filepath)
             atomic_write_text(record, json.dumps(hashes, indent=2, sort_keys=True) + "\n")
+
+
+class RandomState(L.Callback):
+    """Saves the random generators' states in every checkpoint and restores them on resume.
+
+    A resumed run then draws the same dropout masks (and anything else random) as an
+    uninterrupted run of the same seed: its weights and metrics come out bitwise equal on the
+    CPU. The epoch's row order needs nothing here, it is a function of seed and epoch
+    (``project.data.batching.EpochSampler``). Lightning has no public API that saves these
+    states with a checkpoint, hence this callback.
+
+    The states are those of torch's CPU generator, the current CUDA device's generator (where
+    CUDA is in use), numpy's global generator and Python's ``random``, taken when the
+    checkpoint is written (after the epoch's validation) and set again when training starts,
+    after the sanity check. Under DDP the checkpoint holds global rank zero's states, which
+    every rank restores.
+    """
+
+    def __init__(self) -> None:
+        self._restored: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current states, as tensors, lists and numbers (they load with
+        ``torch.load(weights_only=True)``)."""
+        # numpy's global generator (what seed_everything seeds and legacy code draws from).
+        kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's states until training starts."""
+        self._restored = dict(state_dict)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Set the checkpoint's states (nothing to do in a run that did not resume)."""
+        state, self._restored = self._restored, None
+        if state is None:
+            if trainer.ckpt_path:
+                rank_zero_warn(
+                    f"{trainer.ckpt_path} holds no random generator states (written by an older "
+                    "version): the resumed run will not repeat an uninterrupted one exactly"
+                )
+            return
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        numpy_state = (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        random.setstate(state["python"])
+        if "cuda" in state and pl_module.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], pl_module.device)

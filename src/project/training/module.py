@@ -25,6 +25,10 @@ from project.utils.importing import allowed_targets, build_from_config
 log = logging.getLogger(__name__)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss of an epoch was NaN or infinite: the weights have diverged."""
+
+
 def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any] | None:
     """Resolve an OmegaConf node into plain Python containers, so the checkpoint's
     hyperparameters load with ``torch.load(weights_only=True)``."""
@@ -276,11 +280,28 @@ class ClassifierModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's mean training loss, averaged over ranks (every rank runs the same
-        number of steps: the training shards have equal sizes)."""
-        if self._loss_steps:
-            mean = self._loss_sum / self._loss_steps
-            self.log("train/loss", mean, prog_bar=True, sync_dist=True)
+        number of steps: the training shards have equal sizes).
+
+        A NaN or infinite mean stops training with ``NonFiniteLossError`` before the epoch's
+        checkpoints are written (Lightning calls the checkpoint callbacks' epoch-end hooks
+        after this one). The check reads the running sum once per epoch (one host
+        synchronisation), where ``detect_anomaly`` would check every operation of every step.
+        """
+        if not self._loss_steps:
+            return
+        # Reduced over ranks before the check, so that every rank stops together.
+        mean = self.trainer.strategy.reduce(self._loss_sum / self._loss_steps, reduce_op="mean")
+        steps = self._loss_steps
         self._loss_sum, self._loss_steps = None, 0
+        if not torch.isfinite(mean):
+            raise NonFiniteLossError(
+                f"the training loss is {mean.item()} in epoch {self.current_epoch} (mean of "
+                f"{steps} steps): the weights have diverged, and no checkpoint of this epoch was "
+                "written. Lower the learning rate (model.optimizer.lr), clip gradients "
+                "(trainer.gradient_clip_val=1.0), or check the inputs and weights for extreme "
+                "values."
+            )
+        self.log("train/loss", mean, prog_bar=True, sync_dist=True)
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
@@ -314,12 +335,16 @@ class ClassifierModule(L.LightningModule):
         figure = reweighting_figure(summary, self.plot_options["experiment"])
         self._publish({"reweighting": figure}, "train")
 
-    def _evaluate(self, batch: Mapping[str, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
+    def _evaluate(
+        self, batch: Mapping[str, Tensor], stage: str, metrics: MetricCollection
+    ) -> Tensor:
         head = self(batch)
         n = len(batch[self.input_names[0]]) if self.contract.flat else head.shape[0]
         for name, value in self._losses(head, batch).items():
             key = f"{stage}/loss" if name == "total" else f"{stage}/loss_{name}"
-            self.log(key, value, on_epoch=True, prog_bar=name == "total", sync_dist=True, batch_size=n)
+            self.log(
+                key, value, on_epoch=True, prog_bar=name == "total", sync_dist=True, batch_size=n
+            )
         outputs = torch.stack(self.model.outputs(head), dim=1)
         metrics.update(outputs, batch)
         return outputs
