@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +50,80 @@ FILES = {
 }
 
 
+# Inside an export's temporary directory while it is written: the writing process, so that a
+# later export can tell a directory left by a killed export from one still being written.
+OWNER_FILE = ".owner.json"
+
+
 REPO = Path(__file__).resolve().parents[3]  # the checkout whose git state is the provenance
 
 
 class ExportFailed(RuntimeError):
     """A requested format failed to export or to match the eager graph; nothing was published."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """The exported checkpoint has no recorded hash, so it is not known to be the file its
+    training run saved (``require_hash=true`` refuses such a checkpoint)."""
+
+
+def check_export_name(name: str) -> str:
+    """``name`` if it is one plain directory name for ``exported/<name>/``; otherwise a
+    ``ValueError`` saying what to give.
+
+    Refused: empty, ``.``, ``..``, anything with a path separator (``a/b``, an absolute path),
+    and names starting with ``.`` (the temporary and replaced exports are hidden
+    ``.<name>.tmp-*`` and ``.<name>.old-*`` directories beside the published ones).
+    """
+    text = str(name)
+    if not text.strip() or text.startswith(".") or any(c in text for c in "/\\\0"):
+        raise ValueError(
+            f"export name {text!r} is not a single plain directory name: give one like "
+            "name=mlp-v2 (no '/', not '.', '..' or a name starting with '.'); the export is "
+            "published as <output_dir>/<name>/"
+        )
+    return text
+
+
+def claim_directory(directory: Path) -> None:
+    """Record this process (host and PID) as the writer of the temporary ``directory``."""
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    (directory / OWNER_FILE).write_text(json.dumps(owner) + "\n")
+
+
+def _owner_gone(directory: Path) -> bool:
+    """Whether the process recorded in ``directory``'s owner file has ended; ``False`` when
+    unknown (no owner file, another host, a process of another user)."""
+    try:
+        owner = json.loads((directory / OWNER_FILE).read_text())
+        pid = int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if owner.get("host") != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_temporaries(out_root: Path) -> list[Path]:
+    """Remove the temporary export directories (``.<name>.tmp-*``) under ``out_root`` whose
+    writing process has ended (an export killed before it published); return them.
+
+    A directory still being written, or written on another host of a shared filesystem, is
+    left alone: its owner file (``OWNER_FILE``) names its process and host.
+    """
+    removed = []
+    for directory in sorted(out_root.glob(".*.tmp-*")):
+        if directory.is_dir() and _owner_gone(directory):
+            shutil.rmtree(directory, ignore_errors=True)
+            print(f"removed {directory}, left by an export that did not finish")
+            removed.append(directory)
+    return removed
 
 
 @dataclass
@@ -104,6 +176,26 @@ def find_checkpoint(run_dir: Path, which: str) -> tuple[Path, str | None]:
     hashes_file = path.parent / "sha256.json"
     hashes = json.loads(hashes_file.read_text()) if hashes_file.is_file() else {}
     return path, hashes.get(path.name)
+
+
+def _unverified(ckpt_path: Path, require_hash: bool) -> None:
+    """Warn about (or, with ``require_hash``, refuse) a checkpoint without a recorded hash."""
+    record = ckpt_path.parent / "sha256.json"
+    what = (
+        f"checkpoint {ckpt_path} has no recorded hash ({record} "
+        + ("has no entry for it" if record.is_file() else "does not exist")
+        + "), so it cannot be verified as the file its training run saved"
+    )
+    if require_hash:
+        raise CheckpointError(
+            f"{what}; refused (require_hash=true). Export a checkpoint from its run's "
+            "checkpoints/ directory, or pass require_hash=false to export it unverified."
+        )
+    warnings.warn(
+        f"{what}; exporting it unverified (require_hash=true refuses such a checkpoint)",
+        UnverifiedCheckpointWarning,
+        stacklevel=3,
+    )
 
 
 def validation_rows(run_dir: Path, contract: InputContract) -> ColumnarData:
@@ -164,6 +256,7 @@ def _export_one(
 def _publish(tmp_dir: Path, target: Path, overwrite: bool) -> None:
     """Move the finished export into place; the old one (if allowed) goes only after."""
     follow_umask(tmp_dir, directory=True)  # mkdtemp made it private while it was written
+    (tmp_dir / OWNER_FILE).unlink()
     old = None
     if target.exists():
         if not overwrite:
@@ -181,17 +274,23 @@ def run_export(cfg: DictConfig) -> ExportResult:
     if unknown or not cfg.formats:
         raise ValueError(f"unknown export formats {unknown or '[]'}; choose from {list(FILES)}")
     devices = _devices(cfg.devices if isinstance(cfg.devices, str) else list(cfg.devices))
+    if cfg.get("name") is not None:
+        check_export_name(cfg.name)
     run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else find_run_dir(Path(cfg.paths.log_dir))
     ckpt_path, recorded_hash = find_checkpoint(run_dir, str(cfg.ckpt))
+    if recorded_hash is None:
+        _unverified(ckpt_path, bool(cfg.get("require_hash", False)))
     loaded = load_checkpoint(ckpt_path, recorded_hash)
-    name = cfg.get("name") or _default_name(run_dir, loaded)
+    name = check_export_name(cfg.get("name") or _default_name(run_dir, loaded))
     out_root = Path(cfg.output_dir)
     target = out_root / name
     if target.exists() and not cfg.overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=true or another name=")
     try:
         out_root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_root)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_root))
+        claim_directory(tmp_dir)
     except OSError as err:
         raise PermissionError(f"cannot write exports under {out_root}: {err}") from err
 
@@ -379,7 +478,9 @@ def golden_set(loaded: LoadedCheckpoint, rows: ColumnarData) -> dict[str, tuple[
     with torch.inference_mode():
         outputs = loaded.graph(*(torch.from_numpy(inputs[n]) for n in contract.input_names))
     arrays = {n: ("input", a) for n, a in inputs.items()}
-    arrays.update({o: ("output", t.numpy()) for o, t in zip(contract.outputs, outputs, strict=True)})
+    arrays.update(
+        {o: ("output", t.numpy()) for o, t in zip(contract.outputs, outputs, strict=True)}
+    )
     if rows.labels is not None:
         arrays["labels"] = ("label", rows.labels)
     for target in contract.regression:
@@ -399,9 +500,11 @@ def dim_meanings(contract: InputContract) -> dict[str, str]:
 
 
 def _default_name(run_dir: Path, loaded: LoadedCheckpoint) -> str:
+    """The run's model choice (``mlp``; the last part of a nested ``group/option``), else the
+    network's class name in lower case."""
     hydra_cfg = run_dir / ".hydra" / "hydra.yaml"
     if hydra_cfg.is_file():
         choice = OmegaConf.load(hydra_cfg).hydra.runtime.choices.get("model")
         if choice:
-            return str(choice)
+            return str(choice).rsplit("/", 1)[-1]
     return str(loaded.net_config["_target_"]).rsplit(".", 1)[-1].lower()

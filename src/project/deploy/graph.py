@@ -74,17 +74,25 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Loa
         raise CheckpointError(
             f"cannot load checkpoint {path} with weights_only=True: {err}"
         ) from err
-    hparams = ckpt.get("hyper_parameters") or {}
-    if "contract" not in hparams or "net" not in hparams:
+    hparams = (ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None) or {}
+    if not isinstance(hparams.get("contract"), dict) or not isinstance(hparams.get("net"), dict):
         raise CheckpointError(
             f"checkpoint {path} has no contract/net hyperparameters: it was not written by "
             "project.training.module.ClassifierModule"
         )
     try:
         contract = InputContract.from_dict(hparams["contract"])
+        # The target is checked against the allowlist before anything is imported.
         model = build_model(contract, hparams["net"], allowed_targets())
     except (UntrustedTargetError, ContractError) as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from err
+    except (ImportError, KeyError, TypeError) as err:  # a network of another code version
+        raise CheckpointError(
+            f"checkpoint {path}: cannot build its network {hparams['net'].get('_target_')!r} "
+            f"from model.net {hparams['net']}: {err}"
+        ) from err
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"checkpoint {path} has no state_dict: it holds no weights")
     state = model_state(ckpt["state_dict"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
