@@ -10,6 +10,7 @@ run's validation sample, the raw SoA rows every training run writes into its run
 from __future__ import annotations
 
 import re
+import textwrap
 
 from tools.new_analysis.errors import ForkError
 
@@ -23,21 +24,27 @@ _DEMO_HEADER = re.compile(r"^(#\s+make demo\s+)(.*)$")
 def rewrite_makefile(
     text: str,
     package: str,
-    left_out: re.Pattern[str] | None,
+    left_out: tuple[str, ...] | list[str],
     drop_extras: tuple[str, ...] | list[str],
     held_out: tuple[str, ...] | None,
     demo_data: str | None,
 ) -> str:
     """The new analysis's Makefile.
 
-    ``left_out`` matches a mention of what the analysis does not carry: recipe lines naming
-    it go (the benchmark). ``drop_extras`` leave the install line (``".[dev,pythia]"``).
-    ``held_out`` are the strings that mark the demo's held-out steps when the analysis does
-    not keep their data (``None`` when it does): those steps become one that scores the
-    newest run's validation sample, and the comments on ``make demo`` say what it now does on
-    ``demo_data``. Raises ``ForkError`` if the Makefile has no ``demo`` rule of the expected
-    shape.
+    ``left_out`` are the names of what the analysis does not carry (``benchmark.py``, see
+    ``leftout.LeftOut.names``): recipe lines naming one go, and so does the clause of the demo's
+    comment that speaks of it (``benchmark the standalone inference runtime``).
+    ``drop_extras`` leave the install line (``".[dev,pythia]"``). ``held_out`` are the strings
+    that mark the demo's held-out steps when the analysis does not keep their data (``None``
+    when it does): those steps become one that scores the newest run's validation sample,
+    and the comments on ``make demo`` say what it now does on ``demo_data``. Raises
+    ``ForkError`` if the Makefile has no ``demo`` rule of the expected shape.
     """
+    mention = (
+        re.compile(rf"(?<![\w.\-])(?:{'|'.join(re.escape(n) for n in left_out)})")
+        if left_out
+        else None
+    )
     lines = text.splitlines(keepends=True)
     try:
         rule = next(i for i, line in enumerate(lines) if line.startswith("demo:"))
@@ -49,7 +56,9 @@ def rewrite_makefile(
     end = rule + 1
     while end < len(lines) and lines[end].startswith("\t"):
         end += 1
-    recipe = [line for line in lines[rule + 1 : end] if not (left_out and left_out.search(line))]
+    recipe = [line for line in lines[rule + 1 : end] if not (mention and mention.search(line))]
+    dropped = [line for line in lines[rule + 1 : end] if line not in recipe]
+    words = {n.split(".")[0] for n in left_out if any(n in line for line in dropped)}
     if held_out is not None:
         steps = [line for line in recipe if not any(h in line for h in held_out)]
         if len(steps) == len(recipe) or not any("scripts/train.py" in s for s in steps):
@@ -62,7 +71,14 @@ def rewrite_makefile(
             f'\t$(BIN)/python -m {package}.inference exported/mlp "{SAMPLE}" '
             "--out data/demo-scores.parquet\n",
         ]
-    comment = _demo_comment(held_out is None, demo_data)
+    if held_out is None:
+        comment = _without_clauses(lines[start:rule], words)
+    else:
+        comment = [
+            f"# The whole path on the default data (data={demo_data}, configs/train.yaml): train\n",
+            "# the MLP, export it with parity, then run the standalone inference CLI on the run's\n",
+            "# validation sample (rows of its validation split, as the deployed model takes them).\n",
+        ]
     lines[start:end] = [*comment, lines[rule], *recipe]
     out = []
     for line in lines:
@@ -80,16 +96,19 @@ def _without(extras: str, drop: tuple[str, ...] | list[str]) -> str:
     return ",".join(e for e in (x.strip() for x in extras.split(",")) if e and e not in drop)
 
 
-def _demo_comment(jets: bool, data: str | None) -> list[str]:
-    if jets:
-        return [
-            "# The whole path on the default data: generate and train, export with parity, then run the\n",
-            "# standalone inference CLI on held-out jets (another Pythia seed).\n",
-        ]
+def _without_clauses(comment: list[str], words: set[str]) -> list[str]:
+    """A comment without its comma-separated clauses that mention one of ``words``, rewrapped
+    to the Makefile's width; unchanged when none does."""
+    text = " ".join(line.lstrip("#").strip() for line in comment)
+    clauses = text.split(", ")
+    kept = [c for c in clauses if not any(re.search(rf"\b{re.escape(w)}", c) for w in words)]
+    if len(kept) == len(clauses):
+        return comment
     return [
-        f"# The whole path on the default data (data={data}, configs/train.yaml): train the MLP,\n",
-        "# export it with parity, then run the standalone inference CLI on the run's validation\n",
-        "# sample (rows of its validation split, as the deployed model takes them).\n",
+        f"# {line}\n"
+        for line in textwrap.wrap(
+            ", ".join(kept), width=93, break_on_hyphens=False, break_long_words=False
+        )
     ]
 
 

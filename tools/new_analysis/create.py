@@ -252,7 +252,7 @@ def _write_files(
                 text = buildfiles.rewrite_makefile(
                     text,
                     names.new_package,
-                    left.pattern(),
+                    left.names(),
                     plan.removed_extras,
                     plan.demo_held_out,
                     plan.default_data,
