@@ -275,7 +275,8 @@ def prepare(settings: PredictSettings) -> Job:
 
 
 class _Progress:
-    """Progress bars over files and entries (tqdm, on standard error)."""
+    """Progress bars over files and entries, with the rows scored (tqdm, on standard error).
+    The entries of a file join the total when it is planned."""
 
     def __init__(self, n_files: int, enabled: bool) -> None:
         from tqdm import tqdm
@@ -284,10 +285,16 @@ class _Progress:
         self.entries = tqdm(
             total=0, desc="entries", unit="entry", unit_scale=True, disable=not enabled
         )
+        self.rows = 0
 
     def planned(self, plan: FilePlan) -> None:
         self.entries.total += plan.n_entries
         self.entries.refresh()
+
+    def scored(self, chunk: ChunkScores) -> None:
+        self.rows += chunk.n_rows
+        self.entries.set_postfix_str(f"{self.rows:,} rows", refresh=False)
+        self.entries.update(chunk.n_entries)
 
     def close(self) -> None:
         self.files.close()
@@ -321,7 +328,7 @@ def _run_here(job: Job, progress: _Progress) -> list[FileResult]:
             chunks = []
             for index in range(len(plan.chunks)):
                 chunks.append(score_chunk(job.ref, plan, index))
-                progress.entries.update(chunks[-1].n_entries)
+                progress.scored(chunks[-1])
             results.append(_write(job, item, out, fmt, plan, chunks))
         except Exception as err:
             results.append(FileResult(item.path, str(out), "failed", error=_error(err)))
@@ -376,7 +383,7 @@ def _run_dask(job: Job, client: Any, progress: _Progress) -> list[FileResult]:
                     pending.add(task)
                 continue
             ft.chunks[index] = future.result()
-            progress.entries.update(ft.chunks[index].n_entries)
+            progress.scored(ft.chunks[index])
             if any(c is None for c in ft.chunks):
                 continue
             ft.result = _write(job, ft.item, ft.out, ft.fmt, ft.plan, ft.chunks)
