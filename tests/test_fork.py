@@ -612,12 +612,15 @@ def test_readme_loses_what_belongs_to_the_template_tooling_only() -> None:
         "## Layout\n\n```\nscripts/  entry points: train.py, benchmark.py\n  new_analysis.py  x\n"
         "src/project/\n  models/\n```\n\n- `docs/new-analysis.md`: how\n- `docs/add-a-model.md`\n"
         "- `scripts/benchmark.py train` measures\n  on toy jets.\n\n  | a | b |\n\n- Clusters\n\n"
-        "Speed (`scripts/benchmark.py`):\nfast.\n\nThe end.\n"
+        "Speed (`scripts/benchmark.py`):\nfast.\n\nThe end.\n\n```\ntools/    tooling: new_analysis/\n"
+        "          and benchmarks/\n  a/\nsrc/\n```\n\n`tools/benchmarks/predict.py` measured:\n\n"
+        "| a | b |\n| 1 | 2 |\n\nIn words.\n\nLast, in `tools/`:\n\n## Next\n"
     )
     left_out = LeftOut.of(TEMPLATE_ONLY, "project").names()
     assert rewrite_readme(text, "ttH classifier", left_out) == (
         "# ttH classifier\n\nIntro.\n\n## Layout\n\n```\nscripts/  entry points: train.py\n"
-        "src/project/\n  models/\n```\n\n- `docs/add-a-model.md`\n\n- Clusters\n\nThe end.\n"
+        "src/project/\n  models/\n```\n\n- `docs/add-a-model.md`\n\n- Clusters\n\nThe end.\n\n"
+        "```\nsrc/\n```\n\nIn words.\n\n## Next\n"
     )
 
 

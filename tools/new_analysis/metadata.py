@@ -95,9 +95,10 @@ def rewrite_readme(text: str, title: str, left_out: tuple[str, ...] = ()) -> str
 
     The "Start a new analysis" section goes; so does every paragraph or list item (with its
     continuation lines) that names one of ``left_out`` (file names such as ``benchmark.py``,
-    folders such as ``tools/``, see ``leftout.LeftOut.names``). In a code block only the
-    lines naming one go, after a name in a comma-separated list (``train.py, benchmark.py``)
-    has been taken out of its list.
+    folders such as ``tools/``, see ``leftout.LeftOut.names``), and the table or code block
+    that such a paragraph introduces (ending with ``:``). In other code blocks only the lines
+    naming one go, with the lines indented under them (a layout tree's continuation), after a
+    name in a comma-separated list (``train.py, benchmark.py``) has been taken out of its list.
     """
     lines = text.splitlines(keepends=True)
     for i, line in enumerate(lines):
@@ -111,19 +112,43 @@ def rewrite_readme(text: str, title: str, left_out: tuple[str, ...] = ()) -> str
         return "".join(lines)
     mention = re.compile(rf"(?<![\w.\-])(?:{'|'.join(re.escape(n) for n in left_out)})")
     out: list[str] = []
-    for block, in_fence in _blocks(lines):
-        if in_fence:
-            for line in block:
-                line = _drop_from_lists(line, left_out)
-                if not mention.search(line):
-                    out.append(line)
-        elif any(mention.search(line) for line in block):
+    introduced = False  # the previous block, dropped, introduced this one
+    for kind, block in _blocks(lines):
+        if kind == "blank":
+            if not (out and not out[-1].strip()):
+                out.append(block[0])
             continue
-        elif not block[0].strip() and out and not out[-1].strip():
-            continue  # one blank line where a block between two was dropped
+        table = kind == "para" and block[0].lstrip().startswith("|")
+        if introduced and (kind == "fence" or table):
+            introduced = False
+            continue
+        introduced = False
+        if kind == "fence":
+            out.extend(_fence_without(block, left_out, mention))
+        elif any(mention.search(line) for line in block):
+            introduced = block[-1].rstrip().endswith(":")
         else:
             out.extend(block)
     return "".join(out)
+
+
+def _fence_without(
+    block: list[str], left_out: tuple[str, ...], mention: re.Pattern[str]
+) -> list[str]:
+    """A fenced code block without the lines naming what is left out and the lines indented
+    under them."""
+    out = [block[0]]
+    under: int | None = None  # indent of the last dropped line
+    for line in block[1:-1] if len(block) > 1 else []:
+        if under is not None and line.strip() and _indent(line) > under:
+            continue
+        under = None
+        line = _drop_from_lists(line, left_out)
+        if mention.search(line):
+            under = _indent(line)
+            continue
+        out.append(line)
+    return [*out, block[-1]] if len(block) > 1 else out
 
 
 def _without_start_section(lines: list[str]) -> list[str]:
@@ -152,22 +177,19 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip(" "))
 
 
-def _blocks(lines: list[str]) -> list[tuple[list[str], bool]]:
-    """Markdown split into ``(lines, in_fence)`` blocks: a blank line, a heading, a fenced
-    code block's inner lines (the fence lines are blocks of their own), a paragraph, or a
-    list item with everything indented under it (fenced code and blank lines included)."""
-    blocks: list[tuple[list[str], bool]] = []
+def _blocks(lines: list[str]) -> list[tuple[str, list[str]]]:
+    """Markdown split into ``(kind, lines)`` blocks: ``blank``, ``heading``, ``fence`` (a fenced
+    code block, its fence lines included), ``para`` (a paragraph or a table) or ``item`` (a
+    list item with everything indented under it, fenced code and blank lines included)."""
+    blocks: list[tuple[str, list[str]]] = []
     i = 0
     while i < len(lines):
         line = lines[i]
-        if line.lstrip().startswith(("```", "~~~")):
+        if _is_fence(line):
             j = i + 1
-            while j < len(lines) and not lines[j].lstrip().startswith(("```", "~~~")):
+            while j < len(lines) and not _is_fence(lines[j]):
                 j += 1
-            blocks.append(([line], False))
-            blocks.append((lines[i + 1 : j], True))
-            if j < len(lines):
-                blocks.append(([lines[j]], False))
+            blocks.append(("fence", lines[i : j + 1]))
             i = j + 1
             continue
         item = _LIST_ITEM.match(line)
@@ -176,17 +198,17 @@ def _blocks(lines: list[str]) -> list[tuple[list[str], bool]]:
             while j < len(lines):
                 nxt = lines[j]
                 if fence or not nxt.strip() or _indent(nxt) > len(item.group(1)):
-                    fence ^= nxt.lstrip().startswith(("```", "~~~"))
+                    fence ^= _is_fence(nxt)
                     j += 1
                     continue
                 break
             while j > i + 1 and not lines[j - 1].strip():
                 j -= 1  # trailing blank lines belong to what follows
-            blocks.append((lines[i:j], False))
+            blocks.append(("item", lines[i:j]))
             i = j
             continue
         if not line.strip() or line.startswith("#"):
-            blocks.append(([line], False))
+            blocks.append(("blank" if not line.strip() else "heading", [line]))
             i += 1
             continue
         j = i + 1
@@ -195,12 +217,16 @@ def _blocks(lines: list[str]) -> list[tuple[list[str], bool]]:
             and lines[j].strip()
             and not lines[j].startswith("#")
             and not _LIST_ITEM.match(lines[j])
-            and not lines[j].lstrip().startswith(("```", "~~~"))
+            and not _is_fence(lines[j])
         ):
             j += 1
-        blocks.append((lines[i:j], False))
+        blocks.append(("para", lines[i:j]))
         i = j
     return blocks
+
+
+def _is_fence(line: str) -> bool:
+    return line.lstrip().startswith(("```", "~~~"))
 
 
 def _drop_from_lists(line: str, names: tuple[str, ...]) -> str:
