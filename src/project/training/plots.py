@@ -102,7 +102,12 @@ def rejection_figure(
             ax.plot(eff, 1.0 / eff, "k--", lw=1, label="random")
             ax.set(xlabel=f"{classes[s]} efficiency", ylabel="background rejection", yscale="log")
             ax.set_xlim(0, 1)
-            ax.legend(title=f"{classes[s]} vs", fontsize="small", title_fontsize="small")
+            ax.legend(
+                title=f"{classes[s]} vs",
+                loc="upper right",
+                fontsize="small",
+                title_fontsize="small",
+            )
             label(ax, experiment)
         fig.tight_layout()
     return fig
@@ -146,15 +151,29 @@ def _edges(values: np.ndarray, n_bins: int = VARIABLE_BINS) -> np.ndarray:
     return np.unique(np.quantile(values, np.linspace(0.0, 1.0, n_bins + 1)))
 
 
-def _fraction(passed: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
-    """Weighted fraction of ``passed`` and its binomial error with the effective number of
-    rows ``(sum w)^2 / sum w^2``."""
+def _fraction(passed: np.ndarray, weights: np.ndarray) -> tuple[float, float, float]:
+    """Weighted fraction of ``passed``, its binomial error, and the effective number of rows
+    ``(sum w)^2 / sum w^2`` the error is computed with."""
     total = weights.sum()
     if not total > 0:
-        return np.nan, np.nan
+        return np.nan, np.nan, np.nan
     eff = float(np.sum(weights * passed) / total)
-    n_eff = total**2 / np.sum(weights**2)
-    return eff, float(np.sqrt(max(eff * (1 - eff), 0.0) / n_eff))
+    n_eff = float(total**2 / np.sum(weights**2))
+    return eff, float(np.sqrt(max(eff * (1 - eff), 0.0) / n_eff)), n_eff
+
+
+def _rejection(
+    eff: np.ndarray, err: np.ndarray, n_eff: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rejection ``1 / eff`` with its asymmetric interval ``1 / (eff +- err)`` (open above,
+    drawn to ten times the value, where ``eff - err <= 0``), NaN where nothing passed; and
+    there the 68% lower limit ``1 / (1 - 0.32^(1 / n_eff))`` (no passing row in ``n_eff``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.where(eff > 0, 1.0 / eff, np.nan)
+        low = value - 1.0 / (eff + err)
+        high = np.where(eff > err, 1.0 / (eff - err), 10 * value) - value
+        limit = np.where(eff == 0, 1.0 / (1.0 - 0.32 ** (1.0 / n_eff)), np.nan)
+    return value, np.vstack([low, np.minimum(high, 9 * value)]), limit
 
 
 def working_point_cut(scores: np.ndarray, weights: np.ndarray, efficiency: float) -> float:
@@ -192,22 +211,26 @@ def efficiency_vs_pt_figure(
                     )
                     for b in range(len(centres))
                 ]
-                eff, err = np.asarray(points, dtype=np.float64).T
+                eff, err, n_eff = np.asarray(points, dtype=np.float64).T
                 if k == s:
                     row[0].errorbar(centres, eff, yerr=err, xerr=half, fmt="o", label=name)
-                else:
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        rejection = np.where(eff > 0, 1.0 / eff, np.nan)
-                        rej_err = np.where(eff > 0, err / eff**2, np.nan)
-                    row[1].errorbar(
-                        centres, rejection, yerr=rej_err, xerr=half, fmt="o", label=name
-                    )
+                    continue
+                rejection, interval, limit = _rejection(eff, err, n_eff)
+                drawn = row[1].errorbar(
+                    centres, rejection, yerr=interval, xerr=half, fmt="o", label=name
+                )
+                if np.isfinite(limit).any():
+                    row[1].plot(
+                        centres, limit, "^", color=drawn.lines[0].get_color(),
+                        label=f"{name}: none passes (68% lower limit)",
+                    )  # fmt: skip
             title = f"{working_point:.0%} {classes[s]} eff. (p > {cut:.3f})"
             row[0].set(xlabel=pt_label, ylabel=f"{classes[s]} efficiency")
             row[0].set_ylim(0, 1.1)
             row[0].axhline(working_point, color="k", ls="--", lw=1)
             row[1].set(xlabel=pt_label, ylabel="background rejection", yscale="log")
             for ax in row:
+                ax.set_xlim(edges[0], edges[-1])
                 ax.legend(title=title, fontsize="small", title_fontsize="small")
                 label(ax, experiment)
         fig.tight_layout()
