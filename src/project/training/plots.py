@@ -313,15 +313,18 @@ def reweighting_figure(summary: Mapping[str, Any], experiment: str | None = None
 
             for row, key in enumerate(("histograms_before", "histograms_after")):
                 ax = axes[row, col]
-                for name in classes:
-                    hep.histplot(marginal(summary[key][name]), edges, ax=ax, label=name, lw=2)
+                for i, name in enumerate(classes):
+                    # Decreasing widths: after reweighting the classes coincide, and each
+                    # stays visible under the next.
+                    lw = 1.5 + 1.5 * (len(classes) - 1 - i)
+                    hep.histplot(marginal(summary[key][name]), edges, ax=ax, label=name, lw=lw)
                 if row == 1:
                     target = np.asarray(summary["target_density"]) * _volume(summary, variables)
                     hep.histplot(
                         marginal(target), edges, ax=ax, color="k", ls="--", lw=1,
                         label=f"target ({summary['target']})",
                     )  # fmt: skip
-                ax.set(xlabel=var, ylabel="normalised (weighted)")
+                ax.set(xlabel=var, ylabel="weighted density (normalised)")
                 ax.legend(
                     title="before reweighting" if row == 0 else "after reweighting",
                     fontsize="small",
