@@ -188,7 +188,7 @@ def test_conversion_buffers_are_reused(models, gold, fmt: str) -> None:
     model(converted(10, 0))  # small batches also use a scratch buffer of their own
     ws = model.workspace()
     before = {k: (id(b), b.ctypes.data, len(b)) for k, b in ws.buffers.items()}
-    assert {"jet_pt", "part_pt", "part_counts"} <= set(before)
+    assert {"jet_pt", "part_pt", "counts:part_counts"} <= set(before)
     for n_rows, seed in ((2000, 1), (1500, 2), (10, 3)):
         model(converted(n_rows, seed))
         assert {k: (id(b), b.ctypes.data, len(b)) for k, b in ws.buffers.items()} == before

@@ -90,9 +90,7 @@ class OnnxBackend(Backend):
         import onnxruntime as ort
 
         if device != "cpu":
-            raise ValueError(
-                f"ONNX artifacts run on the CPU execution provider here, not {device!r}"
-            )
+            raise ValueError(f"ONNX artifacts run on the CPU execution provider, not {device!r}")
         options = onnx_session_options(policy or ThreadPolicy.single(), optimization)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
