@@ -46,8 +46,10 @@ class StepTimer(L.Callback):
         self.resident = False  # whether the training split lives on the training device
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Note where the training batches are formed (the loader's columns' device)."""
-        self.resident = trainer.train_dataloader.tensors.device.type != "cpu"
+        """Note where the training batches are formed (the loader's columns' device; a
+        streamed loader has none: its batches are formed on the host)."""
+        tensors = getattr(trainer.train_dataloader, "tensors", None)
+        self.resident = tensors is not None and tensors.device.type != "cpu"
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -229,10 +231,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", type=Path, help="append the result as a JSON line here")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the template")
+    from tools.benchmarks import streaming
+
+    streaming.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run both sides and print one table row (rank zero only under DDP)."""
+    """Run both sides and print one table row (rank zero only under DDP); with
+    ``--stream-compare`` or ``--stream-epoch``, the streaming benchmark
+    (``tools.benchmarks.streaming``)."""
+    if args.stream_compare or args.stream_epoch:
+        from tools.benchmarks import streaming
+
+        return streaming.main(args)
     os.environ.setdefault("PROJECT_ROOT", str(CONFIG_DIR.parent))
     out = Path(os.environ.get("BENCHMARK_DIR", "logs/benchmark")) / f"{args.model}-{args.devices}"
     cfg = compose_benchmark(args, out)

@@ -185,12 +185,13 @@ class StreamDataset(IterableDataset):
             sizes[-1] = hi - lo - self.batch_size * (len(sizes) - 1)
         return pieces_of(self.counts, self.order(), lo, hi), sizes
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Tensor]] | Iterator[Packed]:
         info = get_worker_info()
-        worker = 0 if info is None else info.id
-        if info is not None and info.num_workers != self.readers:
+        if info is None:
+            return self._batches(0)
+        if info.num_workers != self.readers:
             raise RuntimeError(f"planned for {self.readers} workers, running in {info.num_workers}")
-        return self._batches(worker)
+        return map(pack, self._batches(info.id))
 
     def _read(self, reader: FileReader, piece: Piece) -> tuple[ColumnarData, int]:
         """The piece's rows, and the rows of its chunk that were read for them."""
@@ -257,6 +258,40 @@ class StreamDataset(IterableDataset):
             )
 
 
+# A batch as a DataLoader worker sends it: one flat buffer per dtype, and each tensor's name,
+# buffer, offset and shape in it.
+Packed = tuple[dict[str, Tensor], list[tuple[str, str, int, tuple[int, ...]]]]
+
+
+def pack(batch: dict[str, Tensor]) -> Packed:
+    """``batch`` as one buffer per dtype (see ``unpack``).
+
+    A worker hands each tensor to the training process through shared memory of its own, at
+    a cost per tensor: measured with 24 tensors of a 256-row toy-jets batch, 25 ms per batch
+    through one worker against 3 ms formed in the process (2.9 ms for 2 tensors), on the
+    2-core development machine under load. Packed, a batch is two tensors.
+    """
+    groups: dict[str, list[Tensor]] = {}
+    sizes: dict[str, int] = {}
+    layout = []
+    for name, tensor in batch.items():
+        key = str(tensor.dtype)
+        layout.append((name, key, sizes.get(key, 0), tuple(tensor.shape)))
+        groups.setdefault(key, []).append(tensor.reshape(-1))
+        sizes[key] = sizes.get(key, 0) + tensor.numel()
+    return {k: torch.cat(v) for k, v in groups.items()}, layout
+
+
+def unpack(packed: Packed) -> dict[str, Tensor]:
+    """The batch of ``pack``: views of its buffers, no copy."""
+    buffers, layout = packed
+    out = {}
+    for name, key, offset, shape in layout:
+        n = int(np.prod(shape, dtype=np.int64))
+        out[name] = buffers[key][offset : offset + n].view(shape)
+    return out
+
+
 class StreamLoader:
     """An iterable of streamed SoA batches for Lightning (``len`` and ``sampler.set_epoch``,
     as ``SoABatchLoader``).
@@ -291,7 +326,8 @@ class StreamLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch,
         )
-        yield from loader
+        for packed in loader:
+            yield unpack(packed)
 
 
 def read_head(
