@@ -11,18 +11,22 @@ runtime library. This module feeds it the export's ``model.onnx`` and checks wha
   call a view of the whole set (offsets starting at the call's first row, the full field
   arrays), compared with the expected outputs under the manifest's ONNX tolerance.
 
-Why a static batch. SOFIE 0.1 infers shapes symbolically, and two of its defects stop it on
-the dynamic graph (minimal reproducers in ``tests/test_sofie.py``):
+Why this form. SOFIE 0.1 infers shapes symbolically, and three of its defects stop it on, or
+make it wrong for, the export's graph (the smallest models in ``tests/test_sofie.py``):
 
 - a Reshape with ``-1`` of a tensor whose symbolic length has more than one integer factor
   (``(batch, 2, 3) -> (-1, 3)``) fails in ``generate()`` with ``ValueError: stoi``
   (``ROperator_Reshape::DoShapeInference`` calls ``std::stoi`` on the whole length where it
   means the token); the assembler's padding gather and the transformer's attention reshape so;
 - an Expand of an initializer changes that initializer's shape for its other users, so a later
-  Add of the same constant fails to broadcast (the ONNX exporter shares scalar constants).
+  Add of the same constant fails to broadcast (the ONNX exporter shares scalar constants);
+- a MatMul followed by an Add of a tensor that broadcasts over the batch dimensions (the
+  transformer's attention mask, ``(batch, 1, 1, keys)``) is fused into one Gemm whose bias is
+  broadcast wrongly: the code compiles and returns wrong scores.
 
 With ``batch`` and ``batch_plus_1`` fixed, every length is an integer and the first defect is
-not reached; giving each Expand its own copy of a shared constant avoids the second. The field
+not reached; giving each Expand its own copy of a shared constant avoids the second, and an
+Identity between such a MatMul and Add the third. The field
 arrays' length (``n_<collection>``) stays dynamic, so any number of objects fits a call. A
 caller with fewer rows pads the call: flat columns with any finite value, offsets with their
 last value repeated (rows with no objects), and ignores the padding rows' outputs.
