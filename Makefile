@@ -52,12 +52,12 @@ test-all: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts tools
+	$(BIN)/ruff format --check src tests scripts tools
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests scripts
-	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts tools
+	$(BIN)/ruff check --fix src tests scripts tools
 
 clean-runs:
 	rm -rf logs outputs multirun

@@ -531,3 +531,19 @@ def test_cli_config_value_of_the_wrong_kind_is_named(
     assert "give for instance" in result.stderr or "for instance data.split=" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_export_removes_earlier_exports_displaced_by_a_killed_publish(tmp_path: Path) -> None:
+    """An export killed between its two renames leaves the displaced earlier export as
+    ``.<name>.old-*``; the next export's clean-up removes it, and the published ones stay."""
+    from project.deploy.export import remove_stale_temporaries
+
+    published = tmp_path / "mlp"
+    published.mkdir()
+    (published / "manifest.json").write_text("{}")
+    displaced = tmp_path / ".mlp.old-1733000000000000"
+    displaced.mkdir()
+    (displaced / "manifest.json").write_text("{}")
+    assert remove_stale_temporaries(tmp_path) == [displaced]
+    assert not displaced.exists()
+    assert (published / "manifest.json").is_file()

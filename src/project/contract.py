@@ -31,6 +31,8 @@ SCHEMA_VERSION = 2
 # module (and inside every export), read by the export that writes it and the loaders.
 MANIFEST_VERSION = 2
 MANIFEST_SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
+# The files of an export directory that describe it: the manifest, its hash, its schema.
+MANIFEST_FILE, MANIFEST_HASH_FILE = "manifest.json", "manifest.sha256"
 TRANSFORMS = ("none", "log")
 # ``log`` takes the natural log of the value clamped at this floor (momenta, energies).
 LOG_FLOOR = 1e-6
@@ -163,7 +165,9 @@ class Feature:
             return cls(name=d)
         d = dict(d)
         name = d.get("name")
-        _check_keys(d, {"name", "expr", "transform", "mean", "scale", "boolean"}, f"feature {name!r}")
+        _check_keys(
+            d, {"name", "expr", "transform", "mean", "scale", "boolean"}, f"feature {name!r}"
+        )
         return cls(
             name=name,
             transform=d.get("transform") or "none",
@@ -436,13 +440,21 @@ class InputContract:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ContractError(f"input names collide: {dupes}; rename the columns or collections")
+        # A caller may give a collection's counts instead of its offsets, under this name.
+        counts = sorted({c.counts_name for c in self.jagged} & set(self.flat_names))
+        if counts:
+            raise ContractError(
+                f"flat features {counts} are named like a collection's counts input; rename them"
+            )
         label = _optional_text(self.label, "label")
         if self.classes and label is None:
             label = "label"
         object.__setattr__(self, "label", label if self.classes else None)
         object.__setattr__(self, "selection", _optional_text(self.selection, "selection"))
         per_object = _optional_text(self.per_object, "per_object")
-        object.__setattr__(self, "per_object", None if per_object is None else per_object.rstrip("_"))
+        object.__setattr__(
+            self, "per_object", None if per_object is None else per_object.rstrip("_")
+        )
         if not (math.isfinite(self.class_loss_weight) and self.class_loss_weight >= 0):
             raise ContractError("class_loss_weight must be >= 0")
 

@@ -112,7 +112,8 @@ def _owner_gone(directory: Path) -> bool:
 
 def remove_stale_temporaries(out_root: Path) -> list[Path]:
     """Remove the temporary export directories (``.<name>.tmp-*``) under ``out_root`` whose
-    writing process has ended (an export killed before it published); return them.
+    writing process has ended (an export killed before it published), and displaced earlier
+    exports (``.<name>.old-*``) left by one killed while publishing; return them.
 
     A directory still being written, or written on another host of a shared filesystem, is
     left alone: its owner file (``OWNER_FILE``) names its process and host.
@@ -122,6 +123,14 @@ def remove_stale_temporaries(out_root: Path) -> list[Path]:
         if directory.is_dir() and _owner_gone(directory):
             shutil.rmtree(directory, ignore_errors=True)
             print(f"removed {directory}, left by an export that did not finish")
+            removed.append(directory)
+    # A displaced earlier export (``_publish`` renames it aside, then removes it) is never read
+    # again: one is left only by an export killed between its renames. Removing it while an
+    # export is publishing is harmless, that export removes it anyway.
+    for directory in sorted(out_root.glob(".*.old-*")):
+        if directory.is_dir():
+            shutil.rmtree(directory, ignore_errors=True)
+            print(f"removed {directory}, an earlier export displaced by an unfinished one")
             removed.append(directory)
     return removed
 

@@ -19,14 +19,16 @@ from typing import Any
 
 import torch
 
-from project.contract import MANIFEST_VERSION, manifest_schema  # noqa: F401 (re-exported)
+from project.contract import (  # noqa: F401 (re-exported)
+    MANIFEST_FILE,
+    MANIFEST_HASH_FILE,
+    MANIFEST_SCHEMA_FILE,
+    MANIFEST_VERSION,
+    manifest_schema,
+)
 
 MANIFEST_SCHEMA: dict[str, Any] = manifest_schema()
-MANIFEST_FILE, MANIFEST_HASH_FILE, SCHEMA_FILE = (
-    "manifest.json",
-    "manifest.sha256",
-    "manifest.schema.json",
-)
+SCHEMA_FILE = MANIFEST_SCHEMA_FILE.name
 
 
 def validate_manifest(manifest: dict[str, Any]) -> None:

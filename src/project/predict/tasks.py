@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import awkward as ak
 import numpy as np
 
-from project.contract import ContractError, Feature, InputContract
+from project.contract import MANIFEST_FILE, ContractError, Feature, InputContract
 from project.data.expressions import Binding, TableSpec
-from project.data.sources import Chunk, Source, UnreadableChunkError
+from project.data.sources import Chunk, Source, read_arrays
 from project.data.sources.parquet import ParquetSource
 from project.data.sources.root import RootSource, open_tree
 from project.inference import InferenceModel, IntegrityError, load
-from project.inference.export_dir import MANIFEST_FILE
 from project.utils import sha256_file
 
 # Event identifiers written beside the scores where the input has them; else the entry number.
@@ -233,20 +231,6 @@ class ChunkScores:
         return len(next(iter(self.scores.values())))
 
 
-def read_columns(source: Source, chunk: Chunk, columns: list[str]) -> dict[str, Any]:
-    """The stored ``columns`` of ``chunk``; a read that fails is an ``UnreadableChunkError``
-    naming the file and the entry range."""
-    try:
-        return source.read(chunk, columns)
-    except ContractError:
-        raise
-    except Exception as err:
-        raise UnreadableChunkError(
-            f"{chunk.describe()} cannot be read: {type(err).__name__}: {err}. The file is "
-            "corrupt or truncated; replace it, or leave it out of the file list"
-        ) from err
-
-
 def score_chunk(ref: ExportRef, plan: FilePlan, index: int) -> ChunkScores:
     """Score chunk ``index`` of ``plan`` with the export of ``ref``.
 
@@ -256,7 +240,7 @@ def score_chunk(ref: ExportRef, plan: FilePlan, index: int) -> ChunkScores:
     model = export_model(ref)
     contract = model.contract
     chunk = plan.chunks[index]
-    arrays = read_columns(plan.source, chunk, plan.binding.columns)
+    arrays = read_arrays(plan.source, chunk, plan.binding.columns)
     data, _ = plan.binding.build(arrays, start=chunk.start)
     n_entries = chunk.n_rows
     rows = np.arange(len(data))

@@ -11,10 +11,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from project.utils import atomic_write_text, sha256_file
+from project.utils import atomic_path, atomic_write_text, sha256_file
 
 
 class EpochTimer(L.Callback):
@@ -36,21 +36,39 @@ class EpochTimer(L.Callback):
         pl_module.log("time/epoch_s", elapsed, on_epoch=True, rank_zero_only=True)
 
 
-class HashedModelCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that records each saved file's sha256 in ``sha256.json`` beside it.
+class HashedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomic, recording each file's sha256 in ``sha256.json``.
 
-    The export verifies the checkpoint it reads against this record, so a checkpoint that was
-    modified or replaced after training is refused rather than silently deployed.
+    Every checkpoint the trainer writes (the monitored best, ``last.ckpt``, SLURM's
+    ``hpc_ckpt_<n>.ckpt``) goes through the trainer's ``CheckpointIO`` plugin, and only rank
+    zero calls it. This one writes the file under a unique temporary name and renames it into
+    place, so a killed run never leaves a half-written checkpoint, then records its hash;
+    removing a checkpoint drops its entry. The export verifies the checkpoint it reads against
+    this record, so a checkpoint modified or replaced after training is refused rather than
+    silently deployed.
     """
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero:
-            record = Path(filepath).parent / "sha256.json"
-            hashes = json.loads(record.read_text()) if record.is_file() else {}
-            hashes = {k: v for k, v in hashes.items() if (record.parent / k).is_file()}
-            hashes[Path(filepath).name] = sha256_file(filepath)
-            atomic_write_text(record, json.dumps(hashes, indent=2, sort_keys=True) + "\n")
+    RECORD = "sha256.json"
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        """Write ``checkpoint`` to ``path`` atomically and record its hash."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+        self._update(path.parent, {path.name: sha256_file(path)})
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        """Remove the checkpoint and its hash entry."""
+        super().remove_checkpoint(path)
+        self._update(Path(path).parent, {})
+
+    def _update(self, directory: Path, new: dict[str, str]) -> None:
+        record = directory / self.RECORD
+        hashes = json.loads(record.read_text()) if record.is_file() else {}
+        hashes = {k: v for k, v in hashes.items() if (directory / k).is_file()} | new
+        atomic_write_text(record, json.dumps(hashes, indent=2, sort_keys=True) + "\n")
 
 
 class RandomState(L.Callback):

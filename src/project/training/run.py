@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from project.contract import ContractError, InputContract
 from project.data.sample import DEFAULT_SAMPLE_ROWS, SAMPLE_FILE, write_sample
-from project.training.callbacks import EpochTimer, RandomState
+from project.training.callbacks import EpochTimer, HashedCheckpointIO, RandomState
 from project.training.module import NonFiniteLossError
 from project.utils import atomic_write_text, sha256_file
 from project.utils.importing import UntrustedTargetError, allowed_targets, check_target
@@ -303,8 +303,12 @@ def _fit_and_test(
     timer = EpochTimer()
     callbacks = [*instantiate_group(cfg.get("callbacks")), timer, RandomState()]
     loggers = instantiate_group(cfg.get("logger"))
+    plugins = hydra.utils.instantiate(cfg.trainer.get("plugins")) or []
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[*plugins, HashedCheckpointIO()],
     )
     _write_resolved_config(cfg, output_dir, trainer)
 

@@ -104,7 +104,14 @@ def open_tree(
         raise ContractError(f"{path} is not a readable ROOT file: {err}") from err
     with file:
         if name is None:
-            trees = sorted({k.split(";")[0] for k, c in file.classnames().items() if c == "TTree"})
+            classes = file.classnames()
+            trees = sorted({k.split(";")[0] for k, c in classes.items() if c == "TTree"})
+            ntuples = sorted({k.split(";")[0] for k, c in classes.items() if "RNTuple" in c})
+            if not trees and ntuples:
+                raise ContractError(
+                    f"{path} holds RNTuples {ntuples} and no TTree; RNTuple is not supported yet: "
+                    "write the ntuple as a TTree (or as Parquet, and use data=parquet)"
+                )
             if len(trees) != 1:
                 raise ContractError(
                     f"{path} has {len(trees)} TTrees {trees}; choose one with {choose_with}"
