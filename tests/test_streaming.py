@@ -535,3 +535,35 @@ def test_cli_streams_under_ddp_and_resumes_without_indexing_again(
     assert "indexing pass's result is read from" in resumed.stderr + resumed.stdout
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["global_step"] == 3 * -(-per_rank // 64)
+
+
+def test_packed_and_fixed_size_batches_assemble_to_the_same_tensors(tmp_path: Path) -> None:
+    """What a DataLoader worker sends (``pack``) unpacks to the same batch, and the GPU's
+    fixed-size batches (same shapes for every full batch) assemble as the compact ones."""
+    from project.data.stream_loader import pack, unpack
+    from project.soa.assembler import SoAAssembler
+
+    dm = datamodule(ParquetSource(toy_shards(tmp_path)), True)
+    dm.setup()
+
+    def batches(fixed_size: bool) -> list[dict[str, torch.Tensor]]:
+        dataset = StreamDataset(
+            dm.source, dm.table_spec(), dm.stream_index, "train", dm.splitting, 32, True,
+            buffer_rows=150, seed=dm.seed, fixed_size=fixed_size,
+        )  # fmt: skip
+        return list(dataset)
+
+    compact, fixed = batches(False), batches(True)
+    assert len({tuple(b["part_pt"].shape) for b in fixed[:-1]}) == 1
+    assert fixed[0]["part_pt"].shape == (32 * 16,)
+    assembler = SoAAssembler(dm.contract)
+    names = dm.contract.input_names
+    for a, b in zip(compact, fixed, strict=True):
+        unpacked = unpack(pack(b))
+        assert unpacked.keys() == b.keys()
+        for name in b:
+            torch.testing.assert_close(unpacked[name], b[name], rtol=0, atol=0)
+        for x, y in zip(
+            assembler([a[n] for n in names]), assembler([b[n] for n in names]), strict=True
+        ):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import statistics
 import threading
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stream-epoch", action="store_true", help="one streamed epoch: peak memory, rows/s"
     )
     parser.add_argument("--memory-budget", default="2e9", help="data.memory_budget (bytes)")
-    parser.add_argument("--workers", type=int, default=1, help="data.workers of the stream")
+    parser.add_argument("--workers", type=int, default=0, help="data.workers of the stream")
     parser.add_argument("--shuffle-buffer", type=int, default=100_000)
     parser.add_argument(
         "--full-contract",
@@ -164,6 +165,7 @@ def run_case(cfg: DictConfig, datamodule: Any, warmup: int) -> dict[str, Any]:
         "steps": trainer.global_step,
         "is_global_zero": trainer.is_global_zero,
         "resident": timer.resident,
+        "graph_steps": model.cuda_graph_steps,
     }
 
 
@@ -178,6 +180,9 @@ def main(args: argparse.Namespace) -> int:
     """Run the chosen streaming mode and print its table (rank zero only under DDP)."""
     if not args.files:
         raise SystemExit("--stream-compare and --stream-epoch need --files")
+    # The data layer's log says which path was taken and why, and what the indexing pass did.
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("project.data").setLevel(logging.INFO)
     os.environ.setdefault("PROJECT_ROOT", str(CONFIG_DIR.parent))
     out = Path(os.environ.get("BENCHMARK_DIR", "logs/benchmark")) / f"stream-{args.model}"
     files = _files(args.files)
@@ -209,11 +214,13 @@ def _compare(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     args.batch_size = int(cases[True][0].data.batch_size)
     rates: dict[bool, list[float]] = {False: [], True: []}
     resident = False
+    graph_steps = {False: 0, True: 0}
     for _ in range(max(1, args.repeats)):
         for stream, (cfg, datamodule) in cases.items():
             result = run_case(cfg, datamodule, args.warmup)
             rates[stream].append(result["rows_per_s"])
             resident |= result["resident"] and not stream
+            graph_steps[stream] = result["graph_steps"]
     memory, streamed = statistics.median(rates[False]), statistics.median(rates[True])
     print(
         f"{'model':<12}{'batch':>6}{'in memory rows/s':>18}{'streamed rows/s':>17}{'ratio':>7}"
@@ -226,6 +233,7 @@ def _compare(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     )
     return {
         "batch": args.batch_size, "resident": resident,
+        "graph_steps_in_memory": graph_steps[False], "graph_steps_streamed": graph_steps[True],
         "in_memory_rows_s": round(memory), "streamed_rows_s": round(streamed),
         "ratio": round(streamed / memory, 3),
         "in_memory_all": [round(r) for r in rates[False]],

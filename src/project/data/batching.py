@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from queue import Empty, Queue
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from project.data.columnar import ColumnarData
 # float32 in physical units, in contract order.
 LABEL, WEIGHT, TARGETS = "label", "weight", "targets"
 TRUTH_KEYS = (LABEL, WEIGHT, TARGETS)
+T = TypeVar("T")
 
 
 class SoATensors:
@@ -252,10 +254,10 @@ class SoABatchLoader:
         if self.prefetch <= 0 or self.tensors.device.type != "cpu":
             yield from self._batches()
             return
-        yield from _prefetched(self._batches(), self.prefetch)
+        yield from prefetched(self._batches(), self.prefetch)
 
 
-def _prefetched(batches: Iterator[dict[str, Tensor]], depth: int) -> Iterator[dict[str, Tensor]]:
+def prefetched(batches: Iterator[T], depth: int) -> Iterator[T]:
     """Run ``batches`` in a daemon thread, ``depth`` items ahead; errors are re-raised here."""
     done = object()
     queue: Queue = Queue(maxsize=depth)

@@ -153,7 +153,7 @@ class SoADataModule(L.LightningDataModule):
         memory_budget: int | float | str | None = None,
         shuffle_buffer: int = 100_000,
         fit_rows: int | None = None,
-        workers: int = 1,
+        workers: int = 0,
         on_bad_file: str = "raise",
         cache_dir: str | None = None,
     ) -> None:
@@ -324,6 +324,7 @@ class SoADataModule(L.LightningDataModule):
             world_size=world,
             workers=workers,
             reweighting=self.reweighting,
+            fixed_size=device.type != "cpu",
         )
         if shuffle:
             log.info(
@@ -333,7 +334,10 @@ class SoADataModule(L.LightningDataModule):
                 "each"
             )
         pin = self.pin_memory if self.pin_memory is not None else device.type == "cuda"
-        return StreamLoader(dataset, workers, pin_memory=pin, prefetch=self.prefetch)
+        # Formed ahead in a thread for an accelerator only, as in memory: on the CPU the thread
+        # would compete with the training step for the cores.
+        prefetch = self.prefetch if workers or device.type != "cpu" else 0
+        return StreamLoader(dataset, workers, pin_memory=pin, prefetch=prefetch)
 
     def _loader(self, name: str, shuffle: bool) -> SoABatchLoader | StreamLoader:
         self.setup()

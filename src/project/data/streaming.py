@@ -109,7 +109,7 @@ class StreamSettings:
     memory_budget: int | float | str | None = None
     shuffle_buffer: int = 100_000
     fit_rows: int | None = None
-    workers: int = 1
+    workers: int = 0
     on_bad_file: str = "raise"
     cache_dir: str | None = None
 
