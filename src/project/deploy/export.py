@@ -256,7 +256,12 @@ def _export_one(
     if fmt == "aoti":
         program = formats.export_program(graph, example, loaded.contract)
         return formats.export_aoti(
-            program, path, device, cfg.aoti.cpp_threads, contract=loaded.contract
+            program,
+            path,
+            device,
+            cfg.aoti.cpp_threads,
+            contract=loaded.contract,
+            cxx=str(cfg.aoti.get("cxx", "auto")),
         )
     metadata = formats.onnx_metadata(loaded.contract, cfg.parity.tolerance.onnx, provenance(REPO))
     return formats.export_onnx(graph, example, loaded.contract, path, cfg.onnx.opset, metadata)

@@ -13,7 +13,10 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -116,6 +119,40 @@ def check_program_dims(program: torch.export.ExportedProgram, contract: InputCon
             )
 
 
+def links_shared_libstdcxx(cxx: str) -> bool:
+    """Whether the C++ compiler ``cxx`` links libstdc++ as a shared library (it finds a
+    ``libstdc++.so``); a compiler that has only ``libstdc++.a`` links a private copy."""
+    try:
+        found = subprocess.run(
+            [cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return os.path.isabs(found) and os.path.exists(found)
+
+
+def aoti_compiler(requested: str = "auto") -> str:
+    """The C++ compiler that builds AOTInductor packages.
+
+    A package's ``wrapper.so`` must use the process's own libstdc++ (the shared one libtorch
+    loads). A compiler that has only a static ``libstdc++.a`` puts a second copy into the
+    package; with two copies in one process, ``std::regex`` in the package's device parsing
+    (``torch::aot_inductor::parse_device_str``) crashes on load. This was the segfault of every
+    AOTInductor package on one GPU image, whose ``CXX`` (Inductor's default compiler) was such
+    a toolchain while the system ``g++`` was not. ``auto`` takes the first of ``$CXX``, ``g++``,
+    ``c++`` and ``/usr/bin/g++`` that links libstdc++ as a shared library, and Inductor's own
+    default if none does; any other value is used as it is.
+    """
+    default = os.environ.get("CXX") or "g++"
+    if requested != "auto":
+        return requested
+    for candidate in dict.fromkeys((default, "g++", "c++", "/usr/bin/g++")):
+        path = shutil.which(candidate)
+        if path and links_shared_libstdcxx(path):
+            return path
+    return default
+
+
 def export_aoti(
     program: torch.export.ExportedProgram,
     path: Path,
@@ -123,8 +160,9 @@ def export_aoti(
     cpp_threads: int = 1,
     *,
     contract: InputContract,
+    cxx: str = "auto",
 ) -> dict:
-    """Compile an AOTInductor package (``.pt2``) for ``device``.
+    """Compile an AOTInductor package (``.pt2``) for ``device`` with ``aoti_compiler(cxx)``.
 
     The CPU thread count is baked into the generated code at compile time, so it is compiled
     under the single-threaded policy (``cpp.threads``); the package runs only on CPUs with the
@@ -132,11 +170,15 @@ def export_aoti(
     """
     import torch._inductor
 
-    options = {"cpp.threads": int(cpp_threads)} if device == "cpu" else {}
+    compiler = aoti_compiler(cxx)
+    options: dict[str, Any] = {"cpp.cxx": (None, compiler)}
+    if device == "cpu":
+        options["cpp.threads"] = int(cpp_threads)
     torch._inductor.aoti_compile_and_package(
         program, package_path=str(path), inductor_configs=options
     )
     info: dict[str, Any] = {"cpp_threads": cpp_threads if device == "cpu" else None}
+    info["cxx"] = compiler
     if device == "cpu":
         info["cpu_isa"] = cpu_isa()
     else:
