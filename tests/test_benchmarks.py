@@ -1,0 +1,36 @@
+"""The template's own benchmarks (``scripts/benchmark.py``, ``tools/benchmarks/``) run and
+report what they claim. A new analysis leaves this file out with the tools it tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_training_benchmark_compares_both_sides(tmp_path: Path) -> None:
+    """``scripts/benchmark.py train`` runs the template and the hand-written loop in turn on
+    the model's experiment config and reports the medians and every run."""
+    out = tmp_path / "bench.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/benchmark.py"), "train", "--model", "mlp",
+         "--batch-size", "32", "--steps", "4", "--warmup", "2", "--rows", "600",
+         "--accelerator", "cpu", "--repeats", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
+        env={**os.environ, "BENCHMARK_DIR": str(tmp_path / "logs")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["repeats"] == 2
+    assert len(row["template_all"]) == len(row["handwritten_all"]) == 2
+    assert row["template_rows_s"] > 0
+    assert row["handwritten_rows_s"] > 0
+    assert row["ratio"] == pytest.approx(row["template_rows_s"] / row["handwritten_rows_s"], 0.01)
+    assert row["batch"] == 32
+    assert "template rows/s" in result.stdout
