@@ -47,6 +47,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
     """Compose ``configs/train.yaml`` with ``overrides``, writing everything under ``tmp_path``."""
+    from project.training.run import register_resolvers
+
+    register_resolvers()  # ${best_precision:...} in configs/trainer/default.yaml
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose(config_name="train", overrides=overrides)

@@ -21,16 +21,22 @@ def test_training_benchmark_compares_both_sides(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts/benchmark.py"), "train", "--model", "mlp",
          "--batch-size", "32", "--steps", "4", "--warmup", "2", "--rows", "600",
-         "--accelerator", "cpu", "--repeats", "2", "--json", str(out)],
+         "--accelerator", "cpu", "--repeats", "2", "--ceiling", "--json", str(out)],
         capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
         env={**os.environ, "BENCHMARK_DIR": str(tmp_path / "logs")},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["repeats"] == 2
-    assert len(row["template_all"]) == len(row["handwritten_all"]) == 2
+    assert len(row["all"]["template"]) == len(row["all"]["loop"]) == 2
     assert row["template_rows_s"] > 0
     assert row["handwritten_rows_s"] > 0
-    assert row["ratio"] == pytest.approx(row["template_rows_s"] / row["handwritten_rows_s"], 0.01)
+    ratio = row["template_rows_s"] / row["handwritten_rows_s"]
+    assert row["ratio_handwritten"] == pytest.approx(ratio, 0.01)
     assert row["batch"] == 32
-    assert "template rows/s" in result.stdout
+    # The CPU's defaults: one optimiser step per Lightning step, no graph, no compiler, fp32;
+    # the ceiling needs a GPU.
+    assert (row["steps_per_call"], row["graph_steps"], row["compile"]) == (1, 0, False)
+    assert row["precision"] == "32-true"
+    assert row["ceiling_rows_s"] is None
+    assert "template" in result.stdout

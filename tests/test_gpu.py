@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -47,61 +48,72 @@ def test_training_on_gpu_with_resident_data(
 
     cfg = compose_train(
         [*fast_overrides, "trainer=gpu", "model=transformer", "trainer.max_epochs=2", "data.resident=true",
-         f"trainer.precision={precision}"],
+         f"trainer.precision={precision}", "model.compile=false"],
         tmp_path,
     )  # fmt: skip
     metrics = train(cfg)
     assert metrics["test/auroc"] > 0.8
     summary = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert summary["world_size"] == 1
-    # Every full-size batch replayed the CUDA graphs (an epoch's short last batch runs eagerly).
-    assert summary["cuda_graph_steps"] >= summary["global_step"] - 2 > 0
+    # Every full-size batch replayed the CUDA graph (an epoch's short last batch steps
+    # eagerly), eight batches to a Lightning step (model.steps_per_call=auto).
+    rows, size = summary["data"]["rows"]["train"], cfg.data.batch_size
+    batches = math.ceil(rows / size)
+    assert summary["global_step"] == 2 * math.ceil(batches / 8)
+    assert summary["cuda_graph_steps"] == 2 * (rows // size)
 
 
-def test_cuda_graphs_train_like_eager(tmp_path: Path, fast_overrides, compose_train) -> None:
-    """From the same weights, on the same batches, graphed and eager training end equal."""
-    import copy
-
+def _fit_on_gpu(cfg, **module_options) -> tuple[dict, dict, object]:
+    """Train ``cfg``'s model (seeded: the same initial weights every time) for two epochs on
+    the GPU, clipping gradients; its initial and final weights, and the module."""
     import hydra
     import lightning as L
 
-    cfg = compose_train(
-        [
-            *fast_overrides,
-            "trainer=gpu",
-            "model=mlp",
-            "model.net.dropout=0.0",
-            "data.resident=true",
-        ],
-        tmp_path,
+    L.seed_everything(3)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    module = hydra.utils.instantiate(
+        cfg.model, contract=datamodule.contract.to_dict(), **module_options
     )
-    final, replayed = {}, {}
-    state = None
-    for graphs in (True, False):
-        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-        datamodule.setup("fit")
-        module = hydra.utils.instantiate(
-            cfg.model, contract=datamodule.contract.to_dict(), cuda_graphs=graphs
-        )
-        if state is None:
-            state = copy.deepcopy(module.state_dict())
-        module.load_state_dict(state)
-        trainer = L.Trainer(
-            accelerator="gpu", devices=1, max_steps=25, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-            num_sanity_val_steps=0,
-        )  # fmt: skip
-        trainer.fit(module, datamodule=datamodule)
-        final[graphs] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        replayed[graphs] = module.cuda_graph_steps
-    assert replayed[False] == 0
-    assert replayed[True] >= 20
-    assert final[True].keys() == final[False].keys()
-    for name, value in final[True].items():
-        torch.testing.assert_close(value, final[False][name], rtol=1e-4, atol=1e-5, msg=name)
-    # and training moved the weights at all
-    moved = [k for k in state if not torch.equal(state[k].cpu(), final[True][k])]
-    assert moved
+    initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, max_epochs=2, gradient_clip_val=0.5, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    final = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return initial, final, module
+
+
+def test_graphed_whole_step_trains_like_eager(
+    tmp_path: Path, fast_overrides, compose_train
+) -> None:
+    """From the same weights, on the same batches, with clipping and a per-epoch cosine
+    schedule: the whole step replayed from a CUDA graph (8 steps per Lightning step, the
+    gather inside the graph) ends where Lightning's own eager steps end; with the network
+    compiled inside the graph, within the compiler's rounding."""
+    cfg = compose_train(
+        [*fast_overrides, "trainer=gpu", "model=mlp", "model.net.dropout=0.0",
+         "data.resident=true", "data.source.n_jets=2000", "+model.optimizer.fused=true",
+         "+model.optimizer.capturable=true", "model.scheduler.T_max=4"],
+        tmp_path,
+    )  # fmt: skip
+    initial, eager, module = _fit_on_gpu(cfg, cuda_graphs=False, steps_per_call=1, compile=False)
+    assert module.cuda_graph_steps == 0
+    full_batches = 2 * (1400 // cfg.data.batch_size)  # two epochs of 1400 training rows
+    runs = {}
+    for compiled in (False, True):
+        start, runs[compiled], module = _fit_on_gpu(cfg, compile=compiled)
+        assert all(torch.equal(start[k], initial[k]) for k in initial)
+        assert module.steps_per_call == 8
+        assert module.cuda_graph_steps == full_batches  # the short last batches stepped eagerly
+        lr = module.optimizers().param_groups[0]["lr"]
+        assert lr == pytest.approx(cfg.model.optimizer.lr * 0.5)  # cosine: 2 of 4 epochs
+    for name, value in eager.items():
+        torch.testing.assert_close(runs[False][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(runs[True][name], value, rtol=1e-3, atol=1e-4, msg=name)
+    assert not torch.equal(eager["model.net.head.weight"], initial["model.net.head.weight"].cpu())
 
 
 def test_cuda_artifacts_are_exported_and_checked(

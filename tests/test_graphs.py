@@ -1,50 +1,152 @@
-"""CUDA graphs for the training step: when they are used, and the eager fallback.
+"""The training step's modes: CUDA graphs (when they are used, the eager fallback, what a
+replay keeps in step with) and several optimiser steps per Lightning step.
 
-The captured graphs themselves need a GPU (tests/test_gpu.py); here: the conditions that
-switch them off, and that a capture that cannot happen leaves training eager, with a warning.
+The captured graph itself needs a GPU (tests/test_gpu.py); here: the conditions that switch
+it off, the policy around a replay, and on the CPU that the module's own stepping (what the
+graph replays) equals Lightning's, step for step.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from project.training.graphs import GraphedForward, graphs_unavailable
+from project.training.graphs import GraphedStep, align_step_flags, graphs_unavailable
 
 
-def test_graphs_are_used_only_on_one_cuda_device_without_accumulation() -> None:
+def test_graphs_are_used_only_on_one_cuda_device_with_a_capturable_step() -> None:
     cuda = torch.device("cuda", 0)
-    assert graphs_unavailable(cuda, 1, 1, compiled=False) is None
-    assert "cpu" in graphs_unavailable(torch.device("cpu"), 1, 1, compiled=False)
-    assert "2 processes" in graphs_unavailable(cuda, 2, 1, compiled=False)
-    assert "accumulated over 4" in graphs_unavailable(cuda, 1, 4, compiled=False)
-    assert "torch.compile" in graphs_unavailable(cuda, 1, 1, compiled=True)
+    adamw = torch.optim.AdamW
+    assert graphs_unavailable(cuda, 1, 1, "32-true", adamw) is None
+    assert graphs_unavailable(cuda, 1, 1, "bf16-mixed", torch.optim.Adam) is None
+    assert "cpu" in graphs_unavailable(torch.device("cpu"), 1, 1, "32-true", adamw)
+    assert "2 processes" in graphs_unavailable(cuda, 2, 1, "32-true", adamw)
+    assert "accumulated over 4" in graphs_unavailable(cuda, 1, 4, "32-true", adamw)
+    assert "gradient scaler" in graphs_unavailable(cuda, 1, 1, "16-mixed", adamw)
+    assert "SGD" in graphs_unavailable(cuda, 1, 1, "32-true", torch.optim.SGD)
+
+
+def _stepper() -> tuple[torch.nn.Module, torch.optim.Optimizer, GraphedStep]:
+    net = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+    return net, optimizer, GraphedStep(lambda inputs: net(inputs["x"]).sum(), optimizer, net)
 
 
 def test_failed_capture_falls_back_to_eager_with_a_warning() -> None:
-    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
-    graphed = GraphedForward(lambda cols: net(torch.stack(cols, 1)))  # type: ignore[arg-type]
-    columns = [torch.randn(5) for _ in range(3)]
+    _, _, graphed = _stepper()
     # CPU tensors cannot be captured in a CUDA graph: the capture fails, the batch (and every
     # later one) is left to the eager path.
-    with pytest.warns(UserWarning, match="training runs eagerly"):
-        assert graphed(columns) is None
+    with pytest.warns(UserWarning, match="training steps run eagerly"):
+        assert graphed({"x": torch.randn(5, 3)}) is None
     assert graphed.failed is not None
-    assert graphed(columns) is None
+    assert graphed({"x": torch.randn(5, 3)}) is None
     assert graphed.replays == 0
+
+
+class _Replays:
+    """Stands in for a captured graph: counts replays."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def replay(self) -> None:
+        self.count += 1
+
+
+def _captured(graphed: GraphedStep, shape: tuple[int, ...]) -> _Replays:
+    """Put ``graphed`` in the state a capture with inputs of ``shape`` leaves it in."""
+    graph = _Replays()
+    graphed._graph, graphed._loss = graph, torch.zeros(())
+    graphed._inputs = {"x": torch.zeros(shape)}
+    graphed.signature = (("x", torch.Size(shape), torch.float32),)
+    groups = graphed.optimizer.param_groups
+    graphed._lr_values = [g["lr"] for g in groups]
+    graphed._lrs = [torch.tensor(float(g["lr"])) for g in groups]
+    graphed._settings = [
+        [(k, v) for k, v in g.items() if k not in ("params", "lr")] for g in groups
+    ]
+    return graph
+
+
+def test_batches_of_other_shapes_step_eagerly_and_varying_shapes_release_the_graph() -> None:
+    _, _, graphed = _stepper()
+    graph = _captured(graphed, (4, 3))
+    # Full batches replay (their values copied in); an epoch's short last batch alone does
+    # not end the graph.
+    for n in [4, 4, 4, 3, 4, 4]:
+        x = torch.randn(n, 3)
+        out = graphed({"x": x})
+        assert (out is None) == (n != 4)
+        if n == 4:
+            assert torch.equal(graphed._inputs["x"], x)
+    assert graph.count == graphed.replays == 5
+    assert graphed.other_shapes == 1
+    assert graphed.failed is None
+    # Batches whose shapes keep changing (jagged batches formed on the host): released.
+    for n in range(5, 5 + GraphedStep.give_up_after + 5):
+        assert graphed({"x": torch.zeros(n, 3)}) is None
+    assert graphed.failed == "the input shapes vary from batch to batch"
+    assert graphed._graph is None
+    assert graphed({"x": torch.zeros(4, 3)}) is None  # eager from now on
+    assert graph.count == 5
+
+
+def test_a_replay_follows_the_scheduler_and_other_changes_release_the_graph() -> None:
+    _, optimizer, graphed = _stepper()
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    _captured(graphed, (4, 3))
+    optimizer.step()  # (no gradients: changes nothing)
+    scheduler.step()
+    assert graphed({"x": torch.zeros(4, 3)}) is not None
+    # The captured learning rate now holds the scheduler's value; the group keeps a float.
+    assert graphed._lrs[0].item() == pytest.approx(0.05)
+    assert isinstance(optimizer.param_groups[0]["lr"], float)
+    optimizer.param_groups[0]["weight_decay"] = 0.5  # fixed in the graph at capture
+    assert graphed({"x": torch.zeros(4, 3)}) is None
+    assert "other than the learning rate" in graphed.failed
+
+
+def test_step_counts_follow_the_optimizer_flags_after_loading_a_checkpoint() -> None:
+    net = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(net.parameters())
+    net(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    # A checkpoint of a graphed GPU run carries its flags; this run's optimizer keeps its own.
+    for group in state["param_groups"]:
+        group["capturable"] = True
+    optimizer.load_state_dict(state)
+    assert optimizer.param_groups[0]["capturable"] is True
+    align_step_flags(optimizer)
+    assert optimizer.param_groups[0]["capturable"] is False
+    steps = [s["step"] for s in optimizer.state.values()]
+    assert all(s.device.type == "cpu" and s.dtype == torch.float32 for s in steps)
+    optimizer.step()  # a non-capturable step accepts them
 
 
 def test_training_off_cuda_runs_eagerly_with_no_graph_steps(train_cfg) -> None:
     from project.training.run import train
 
     assert train_cfg.model.cuda_graphs is True  # the default; the CPU switches it off
+    assert train_cfg.trainer.precision == "32-true"  # best_precision on the CPU
     train(train_cfg)
     summary = json.loads((Path(train_cfg.paths.output_dir) / "metrics.json").read_text())
     assert summary["global_step"] > 0
     assert summary["cuda_graph_steps"] == 0
+
+
+def test_best_precision_is_bf16_on_gpus_that_have_it() -> None:
+    from project.training.run import best_precision
+
+    assert best_precision("cpu") == "32-true"
+    if not torch.cuda.is_available():
+        assert best_precision("auto") == "32-true"
+    elif torch.cuda.get_device_capability() >= (8, 0):
+        assert best_precision("gpu") == "bf16-mixed"
 
 
 def test_bookkeeping_attributes_stay_out_of_the_state_dict(train_cfg) -> None:
@@ -58,51 +160,83 @@ def test_bookkeeping_attributes_stay_out_of_the_state_dict(train_cfg) -> None:
     keys = set(module.state_dict())
     module._loss_sum = torch.ones(())  # set directly, bypassing nn.Module's registry
     module._current_fx_name = "training_step"
+    module._compiled = torch.nn.Linear(1, 1)  # a compiled model is not one of the module's parts
     assert module._current_fx_name == "training_step"
     assert torch.equal(module._loss_sum, torch.ones(()))
     assert set(module.state_dict()) == keys
 
 
-def test_columns_of_one_matrix_reach_the_graph_in_one_copy() -> None:
-    from project.training.graphs import _Matrix
+def _fit(cfg, steps_per_call: int) -> tuple[dict, dict, object]:
+    """Train ``cfg`` with ``steps_per_call`` optimiser steps per Lightning step; the final
+    weights, optimiser state and trainer."""
+    import hydra
+    import lightning as L
 
-    first = torch.randn(5, 3)
-    columns = [*first.unbind(1), torch.ones(5)]
-    (matrix,) = _Matrix.find(columns)  # the three columns of `first`; the last stands alone
-    assert matrix.positions == {0: 0, 1: 1, 2: 2}
-    second = torch.randn(5, 3)
-    loaded = matrix.load([*second.unbind(1), torch.zeros(5)])
-    # The graph's buffers, now holding the new batch, in place of the batch's columns.
-    assert all(loaded[i].data_ptr() == matrix.views[i].data_ptr() for i in range(3))
-    torch.testing.assert_close(torch.stack(loaded[:3], 1), second)
-    assert torch.equal(loaded[3], torch.zeros(5))
-    # Columns laid out otherwise (separate tensors, another column order) are left as they
-    # are; the graph then copies them one by one.
-    separate = [torch.randn(5) for _ in range(3)] + [torch.zeros(5)]
-    assert matrix.load(separate) is separate
-    swapped = second.unbind(1)
-    reordered = [swapped[1], swapped[0], swapped[2], torch.zeros(5)]
-    assert matrix.load(reordered) is reordered
+    L.seed_everything(7)  # the same initial weights and dropout draws
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    module = hydra.utils.instantiate(
+        cfg.model, contract=datamodule.contract.to_dict(), steps_per_call=steps_per_call
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, gradient_clip_val=0.05, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return weights, trainer.optimizers[0].state_dict(), trainer
 
 
-def test_graphs_are_released_when_batch_shapes_keep_changing() -> None:
-    # The capture itself needs a GPU; the shape policy around it does not. A stand-in for the
-    # captured graphs records which batches reach it.
-    graphed = GraphedForward(torch.nn.Identity())
-    replayed: list[int] = []
-    graphed._graphed = lambda *cols: replayed.append(len(cols[0])) or cols[0]
-    graphed.shapes = (torch.Size([4]),)
-    # Full batches replay; an epoch's short last batch alone does not end the graphs.
-    for n in [4, 4, 4, 3, 4, 4]:
-        out = graphed([torch.zeros(n)])
-        assert (out is None) == (n != 4)
-    assert graphed.replays == 5
-    assert graphed.other_shapes == 1
-    assert graphed.failed is None
-    # Batches whose shapes keep changing (jagged batches formed on the host): released.
-    for n in range(5, 5 + GraphedForward.give_up_after + 5):
-        assert graphed([torch.zeros(n)]) is None
-    assert graphed.failed == "the input shapes vary from batch to batch"
-    assert graphed._graphed is None
-    assert graphed([torch.zeros(4)]) is None  # eager from now on
-    assert replayed == [4] * 5
+def test_several_optimizer_steps_per_call_equal_as_many_loop_steps(
+    tmp_path: Path, fast_overrides, compose_train
+) -> None:
+    """K optimiser steps per Lightning step take the same steps as K Lightning steps: same
+    batches, dropout draws, clipping and per-epoch scheduler, bitwise on the CPU."""
+    cfg = compose_train(
+        [
+            *fast_overrides,
+            "model=mlp",
+            "data.source.n_jets=1000",
+            "model.net.dropout=0.2",
+            "model.scheduler.T_max=4",
+        ],
+        tmp_path,
+    )
+    one, one_state, one_trainer = _fit(cfg, 1)
+    three, three_state, three_trainer = _fit(cfg, 3)
+    batches = -(-700 // cfg.data.batch_size)  # training rows per epoch / batch size
+    assert one_trainer.global_step == 3 * batches
+    assert three_trainer.global_step == 3 * -(-batches // 3)  # loop steps of 3 batches
+    assert one.keys() == three.keys()
+    for name, value in one.items():
+        assert torch.equal(value, three[name]), name
+    assert one_state["param_groups"][0]["lr"] == three_state["param_groups"][0]["lr"]
+    lr = cfg.model.optimizer.lr * (1 + math.cos(math.pi * 3 / 4)) / 2  # cosine, 3 of 4 epochs
+    assert one_state["param_groups"][0]["lr"] == pytest.approx(lr)
+    for key, state in one_state["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, three_state["state"][key][name]), name
+
+
+def test_steps_per_call_is_refused_where_it_cannot_apply(
+    tmp_path: Path, fast_overrides, compose_train
+) -> None:
+    import hydra
+    import lightning as L
+    from hydra.errors import InstantiationException
+
+    cfg = compose_train([*fast_overrides, "model=mlp"], tmp_path)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    module = hydra.utils.instantiate(
+        cfg.model, contract=datamodule.contract.to_dict(), steps_per_call=4
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, accumulate_grad_batches=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"steps_per_call=4 cannot be used here: gradients are"):
+        trainer.fit(module, datamodule=datamodule)
+    with pytest.raises(InstantiationException, match="steps_per_call must be auto or a whole"):
+        hydra.utils.instantiate(cfg.model, contract=datamodule.contract.to_dict(), steps_per_call=0)

@@ -159,7 +159,8 @@ def run_case(cfg: DictConfig, datamodule: Any, warmup: int) -> dict[str, Any]:
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer], logger=loggers)
     trainer.fit(model, datamodule=datamodule)
-    rows = (trainer.global_step - warmup) * cfg.data.batch_size * trainer.world_size
+    # Counted by the timer: a Lightning step takes model.steps_per_call batches.
+    rows = timer.rows * trainer.world_size
     return {
         "rows_per_s": rows / timer.seconds if timer.seconds else float("nan"),
         "steps": trainer.global_step,

@@ -1,17 +1,22 @@
-"""``scripts/benchmark.py train``: the template's training path against a hand-written loop.
+"""``scripts/benchmark.py train``: the template's training path against hand-written loops.
 
-Both sides train the same network (built from the same model config), with the same
-optimiser, batch size, precision and data, for a fixed number of steps after a warm-up:
+All sides train the same network (built from the same model config), with the same
+optimiser, batch size, precision and data, for a fixed number of optimiser steps after a
+warm-up:
 
 (a) ``template``: the real ``SoADataModule`` + ``ClassifierModule`` + Lightning ``Trainer``
     composed from ``configs/`` (validation, checkpoints and the progress bar off, a CSV
-    logger on), on any number of devices; on one GPU its training forward and backward run
-    in CUDA graphs, as they do by default (``model.cuda_graphs=false`` turns them off);
-(b) ``handwritten``: a minimal PyTorch loop over GPU-resident (or host) tensors that were
-    assembled once, sliced by a device-side permutation, eager (``--loop-graphs`` captures
-    its forward and backward too, for a like-for-like comparison of the plumbing alone). It
-    builds the same ``DeployableModel`` and takes the template's loss
-    (``project.training.module.loss_terms``), so only the plumbing differs.
+    logger on), on any number of devices, with the template's defaults for whatever the
+    command line leaves open (on one GPU: the whole step in a CUDA graph, ``steps_per_call``
+    optimiser steps per Lightning step, ``torch.compile`` with ``model.compile=auto``);
+(b) ``handwritten``: a minimal eager PyTorch loop over GPU-resident (or host) tensors that
+    were assembled once, sliced by a device-side permutation. It builds the same
+    ``DeployableModel`` and takes the template's loss (``project.training.module.loss_terms``),
+    so only the plumbing differs;
+(c) ``ceiling`` (``--ceiling``, CUDA only): what the hardware allows for this step, a
+    hand-written step with the batch gather from the resident split, the forward, the loss,
+    the backward and a fused capturable AdamW captured in ONE CUDA graph and replayed, once
+    with eager kernels and once with the model through ``torch.compile`` inside the graph.
 
 Throughput is rows per second over the timed steps, summed over all devices.
 """
@@ -36,19 +41,32 @@ from omegaconf import DictConfig, open_dict
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
+def batch_rows(batch: Any) -> int:
+    """Rows in a training batch: a SoA batch, a device-resident one or a list of either."""
+    from project.data.batching import LABEL
+
+    if isinstance(batch, list):
+        return sum(batch_rows(b) for b in batch)
+    rows = getattr(batch, "rows", None)  # a ResidentBatch, not gathered yet
+    return len(rows) if rows is not None else len(batch[LABEL])
+
+
 class StepTimer(L.Callback):
-    """Wall time from the start of step ``warmup`` to the end of training, device-synchronised."""
+    """Wall time from the start of Lightning step ``warmup`` to the end of training,
+    device-synchronised, and the rows trained in that time (``rows``)."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.start: float | None = None
         self.seconds = 0.0
+        self.rows = 0
         self.resident = False  # whether the training split lives on the training device
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Note where the training batches are formed (the loader's columns' device; a
         streamed loader has none: its batches are formed on the host)."""
-        tensors = getattr(trainer.train_dataloader, "tensors", None)
+        loader = trainer.train_dataloader
+        tensors = getattr(getattr(loader, "loader", loader), "tensors", None)
         self.resident = tensors is not None and tensors.device.type != "cpu"
 
     def _sync(self, pl_module: L.LightningModule) -> None:
@@ -63,6 +81,18 @@ class StepTimer(L.Callback):
             self._sync(pl_module)
             self.start = time.perf_counter()
 
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Count the step's rows."""
+        if self.start is not None:
+            self.rows += batch_rows(batch)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Stop the clock."""
         self._sync(pl_module)
@@ -70,8 +100,52 @@ class StepTimer(L.Callback):
             self.seconds = time.perf_counter() - self.start
 
 
+class RowTimer(StepTimer):
+    """Wall time over ``rows`` training rows after ``warmup_rows`` of warm-up; training is
+    stopped once they are trained (a Lightning step takes ``steps_per_call`` batches, so
+    steps are counted in rows)."""
+
+    def __init__(self, warmup_rows: int, rows: int) -> None:
+        super().__init__(warmup=-1)
+        self.warmup_rows, self.limit = warmup_rows, rows
+        self.seen = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Start the clock once the warm-up rows are trained."""
+        if self.start is None and self.seen >= self.warmup_rows:
+            self._sync(pl_module)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Count the rows; stop the clock and the training after ``rows`` of them."""
+        n = batch_rows(batch)
+        self.seen += n
+        if self.start is None or self.seconds:
+            return
+        self.rows += n
+        if self.rows >= self.limit:
+            self._sync(pl_module)
+            self.seconds = time.perf_counter() - self.start
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The clock stopped already."""
+
+
 def compose_benchmark(args: argparse.Namespace, output_dir: Path) -> DictConfig:
     """The training config of one benchmark case (toy data of ``args.rows`` rows)."""
+    from project.training.run import register_resolvers
+
+    register_resolvers()
     # The model's experiment config when there is one (experiment=mlp trains on the flat
     # columns only, experiment=transformer sets its batch size), on toy data of the same schema.
     experiment = CONFIG_DIR / "experiment" / f"{args.model}.yaml"
@@ -83,8 +157,8 @@ def compose_benchmark(args: argparse.Namespace, output_dir: Path) -> DictConfig:
         *([f"data.batch_size={args.batch_size}"] if args.batch_size else []),
         f"trainer.accelerator={args.accelerator}",
         f"trainer.devices={args.devices}",
-        f"trainer.precision={args.precision}",
-        f"model.compile={str(args.compile).lower()}",
+        *([] if args.precision == "auto" else [f"trainer.precision={args.precision}"]),
+        f"model.compile={args.compile}",
         "logger=csv",
         *args.overrides,
     ]
@@ -92,8 +166,9 @@ def compose_benchmark(args: argparse.Namespace, output_dir: Path) -> DictConfig:
         cfg = compose(config_name="train", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
-        cfg.trainer.max_steps = args.warmup + args.steps
+        cfg.trainer.max_steps = -1
         cfg.trainer.max_epochs = -1
+        cfg.trainer.min_epochs = None
         cfg.trainer.limit_val_batches = 0
         cfg.trainer.num_sanity_val_steps = 0
         cfg.trainer.enable_checkpointing = False
@@ -102,57 +177,60 @@ def compose_benchmark(args: argparse.Namespace, output_dir: Path) -> DictConfig:
     return cfg
 
 
+def _compiled(cfg: DictConfig, device: str) -> bool:
+    """What ``model.compile`` resolves to on ``device``."""
+    value = cfg.model.compile
+    return value is True or (value == "auto" and device.startswith("cuda"))
+
+
 def run_template(cfg: DictConfig, warmup: int, steps: int) -> dict[str, Any]:
     """Train through the template's path; rows/s over the timed steps, all ranks together."""
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     model = hydra.utils.instantiate(cfg.model, contract=datamodule.contract.to_dict())
-    timer = StepTimer(warmup)
+    batch = int(cfg.data.batch_size)
+    timer = RowTimer(warmup * batch, steps * batch)
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer], logger=loggers)
     trainer.fit(model, datamodule=datamodule)
-    rows = steps * cfg.data.batch_size * trainer.world_size
+    rows = timer.rows * trainer.world_size
     return {
         "rows_per_s": rows / timer.seconds if timer.seconds else float("nan"),
         "world_size": trainer.world_size,
         "is_global_zero": trainer.is_global_zero,
         "resident": timer.resident,
         "graph_steps": model.cuda_graph_steps,
+        "steps_per_call": model.steps_per_call,
+        "compiled": model._compiled is not None,
+        "precision": str(trainer.precision),
     }
 
 
-class _NetColumns(torch.nn.Module):
-    """The network on one list ``[flat, *jagged, *masks]``, the form ``GraphedForward``
-    replays."""
-
-    def __init__(self, net: torch.nn.Module, n_jagged: int) -> None:
-        super().__init__()
-        self.net, self.n_jagged = net, n_jagged
-
-    def forward(self, columns: list[torch.Tensor]) -> torch.Tensor:
-        n = self.n_jagged
-        return self.net(columns[0], columns[1 : 1 + n], columns[1 + n :])
-
-
-def run_handwritten(
-    cfg: DictConfig, warmup: int, steps: int, device: str, graphs: bool = False
-) -> dict[str, Any]:
-    """The same network, optimiser, loss and data in a minimal loop over pre-assembled
-    tensors (with ``graphs``, its forward and backward captured in CUDA graphs)."""
-    from project.data.batching import LABEL, TARGETS, WEIGHT, SoATensors
+def _setup(cfg: DictConfig, device: str) -> tuple[Any, Any, Any]:
+    """Contract, training split (on the host) and model (on ``device``) of a hand-written
+    side."""
+    from project.data.batching import SoATensors
     from project.soa.deployable import build_model
-    from project.training.graphs import GraphedForward
-    from project.training.module import loss_terms
 
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     contract = datamodule.contract
-    model = build_model(contract, dict(cfg.model.net))
-    train = SoATensors(datamodule.splits["train"], contract)
-    with torch.no_grad():  # assemble every row once (on the host), then only slice
-        full = train.batch(torch.arange(train.n_rows), fixed_size=False)
+    model = build_model(contract, dict(cfg.model.net)).to(device)
+    return contract, SoATensors(datamodule.splits["train"], contract), model
+
+
+def run_handwritten(cfg: DictConfig, warmup: int, steps: int, device: str) -> dict[str, Any]:
+    """The same network, optimiser, loss and data in a minimal eager loop over pre-assembled
+    tensors."""
+    from project.data.batching import LABEL, TARGETS, WEIGHT
+    from project.training.module import loss_terms
+
+    contract, train, model = _setup(cfg, device)
+    with torch.no_grad():  # assemble every row once, then only slice
+        full = train.to(device, resident=False).batch(
+            torch.arange(train.n_rows, device=device), fixed_size=False
+        )
         flat, jagged, masks = model.assembler([full[n] for n in contract.input_names])
-    model = model.to(device)
     flat, jagged, masks = (
         flat.to(device),
         [j.to(device) for j in jagged],
@@ -163,14 +241,11 @@ def run_handwritten(
     amp = cfg.trainer.precision == "bf16-mixed"
     smoothing = float(cfg.model.get("label_smoothing", 0.0))
     batch = int(cfg.data.batch_size)
-    # Compiled in place like the template's model when --compile is given, so the ratio
-    # compares the plumbing and not the compiler.
-    if cfg.model.compile:
-        model.net.compile()
+    # Compiled like the template's model, so the ratio compares the plumbing and not the
+    # compiler.
+    net = torch.compile(model.net, dynamic=False) if _compiled(cfg, device) else model.net
     order = torch.randperm(train.n_rows, device=device)
     position = 0
-    # Captured on the first warm-up step by the template's own capture code.
-    graphed = GraphedForward(_NetColumns(model.net, len(jagged))) if graphs else None
 
     def step() -> None:
         nonlocal order, position
@@ -181,11 +256,7 @@ def run_handwritten(
         with torch.autocast(
             device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp
         ):
-            head = None
-            if graphed is not None:
-                head = graphed([flat[idx], *(j[idx] for j in jagged), *(m[idx] for m in masks)])
-            if head is None:
-                head = model.net(flat[idx], [j[idx] for j in jagged], [m[idx] for m in masks])
+            head = net(flat[idx], [j[idx] for j in jagged], [m[idx] for m in masks])
             rows = {k: v[idx] for k, v in truth.items()}
             loss = loss_terms(
                 head, rows, contract, model.target_mean, model.target_scale, smoothing
@@ -195,6 +266,11 @@ def run_handwritten(
         optimizer.step()
 
     model.train()
+    return {"rows_per_s": _timed(step, warmup, steps, device) * batch}
+
+
+def _timed(step: Any, warmup: int, steps: int, device: str) -> float:
+    """Steps per second of ``step()`` over ``steps`` calls after ``warmup``."""
     for _ in range(warmup):
         step()
     if device.startswith("cuda"):
@@ -204,7 +280,66 @@ def run_handwritten(
         step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return {"rows_per_s": steps * batch / (time.perf_counter() - start)}
+    return steps / (time.perf_counter() - start)
+
+
+def run_ceiling(
+    cfg: DictConfig, warmup: int, steps: int, device: str, compiled: bool
+) -> dict[str, Any]:
+    """The hardware's pace for this step: gather, forward, loss, backward and a fused
+    capturable AdamW in one CUDA graph, replayed (``compiled``: the model through
+    ``torch.compile`` inside the graph). Python runs two calls a step: copy the batch's row
+    indices into the graph's input, replay."""
+    from project.training.module import loss_terms
+
+    contract, train, model = _setup(cfg, device)
+    train = train.to(device)  # the resident layout: the gather is a few device kernels
+    model.train()
+    optimizer = hydra.utils.instantiate(cfg.model.optimizer)(
+        params=model.parameters(), fused=True, capturable=True
+    )
+    for group in optimizer.param_groups:  # a device tensor, as a scheduler would update it
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+    forward = torch.compile(model, dynamic=False) if compiled else model
+    amp = cfg.trainer.precision == "bf16-mixed"
+    smoothing = float(cfg.model.get("label_smoothing", 0.0))
+    batch = int(cfg.data.batch_size)
+    names = contract.input_names
+    order = torch.randperm(train.n_rows, device=device)
+    rows = order[:batch].clone()
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        data = train.batch(rows)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+            head = forward([data[n] for n in names])
+            loss = loss_terms(
+                head, data, contract, model.target_mean, model.target_scale, smoothing
+            )["total"]
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    position = 0
+
+    def replay() -> None:
+        nonlocal order, position
+        if position + batch > train.n_rows:
+            order, position = torch.randperm(train.n_rows, device=device), 0
+        rows.copy_(order[position : position + batch])
+        position += batch
+        graph.replay()
+
+    return {"rows_per_s": _timed(replay, warmup, steps, device) * batch}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -213,18 +348,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="default: the model's experiment config's"
     )
-    parser.add_argument("--steps", type=int, default=200, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=400, help="timed optimiser steps")
+    parser.add_argument("--warmup", type=int, default=40, help="optimiser steps before timing")
     parser.add_argument("--rows", type=int, default=200_000, help="toy rows generated")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--precision", default="32-true", help="32-true or bf16-mixed")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument(
+        "--precision",
+        default="32-true",
+        help="32-true, bf16-mixed, or auto (the template's default: bf16-mixed on a GPU with bf16)",
+    )
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="model.compile (auto: on a CUDA device); the hand-written loop follows it",
+    )
     parser.add_argument("--skip-handwritten", action="store_true")
     parser.add_argument(
-        "--loop-graphs",
+        "--ceiling",
         action="store_true",
-        help="capture the hand-written loop's forward and backward in CUDA graphs too",
+        help="also the ceiling: the whole step in one CUDA graph, eager kernels and compiled",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="alternating runs of each side (one device)"
@@ -236,10 +380,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     streaming.add_arguments(parser)
 
 
+def _rate(values: list[float]) -> int | None:
+    return round(statistics.median(values)) if values else None
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run both sides and print one table row (rank zero only under DDP); with
+    """Run the sides and print one table row (rank zero only under DDP); with
     ``--stream-compare`` or ``--stream-epoch``, the streaming benchmark
     (``tools.benchmarks.streaming``)."""
+    from project.training.run import register_resolvers
+
+    register_resolvers()
     if args.stream_compare or args.stream_epoch:
         from tools.benchmarks import streaming
 
@@ -249,42 +400,49 @@ def main(args: argparse.Namespace) -> int:
     cfg = compose_benchmark(args, out)
     args.batch_size = int(cfg.data.batch_size)
     device = "cuda" if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu"
-    # The two sides alternate, ``repeats`` times each, and the medians are compared: on a
-    # shared machine one side's single measurement can be off by 20-30%. Under DDP the
-    # launcher re-runs this script per rank, so one template run (and one loop) is made.
+    ceiling = args.ceiling and device == "cuda" and args.devices == 1
+    # The sides alternate, ``repeats`` times each, and the medians are compared: on a shared
+    # machine one side's single measurement can be off by 20-30%. Under DDP the launcher
+    # re-runs this script per rank, so one template run (and one loop) is made.
     repeats = max(1, args.repeats) if args.devices == 1 else 1
-    runs: list[float] = []
-    loops: list[float] = []
+    sides: dict[str, list[float]] = {"template": [], "loop": [], "ceiling": [], "compiled": []}
     for _ in range(repeats):
         template = run_template(cfg, args.warmup, args.steps)
         if not template["is_global_zero"]:
             return 0
-        runs.append(template["rows_per_s"])
+        sides["template"].append(template["rows_per_s"])
         if not args.skip_handwritten:
-            loop = run_handwritten(cfg, args.warmup, args.steps, device, args.loop_graphs)
-            loops.append(loop["rows_per_s"])
-    rate = statistics.median(runs)
-    hand = statistics.median(loops) if loops else None
+            loop = run_handwritten(cfg, args.warmup, args.steps, device)
+            sides["loop"].append(loop["rows_per_s"])
+        if ceiling:
+            for key, compiled in (("ceiling", False), ("compiled", True)):
+                result = run_ceiling(cfg, args.warmup, args.steps, device, compiled)
+                sides[key].append(result["rows_per_s"])
+    rate, hand = _rate(sides["template"]), _rate(sides["loop"])
+    eager, compiled = _rate(sides["ceiling"]), _rate(sides["compiled"])
     row = {
         "model": args.model, "device": device, "devices": template["world_size"],
-        "precision": args.precision, "compile": args.compile, "batch": args.batch_size,
-        "resident": template["resident"], "repeats": repeats,
-        "graph_steps": template["graph_steps"], "loop_graphs": args.loop_graphs,
-        "template_rows_s": round(rate), "handwritten_rows_s": None if hand is None else round(hand),
-        "ratio": None if hand is None else round(rate / hand, 3),
-        "template_all": [round(r) for r in runs], "handwritten_all": [round(r) for r in loops],
+        "precision": template["precision"], "compile": template["compiled"],
+        "batch": args.batch_size, "resident": template["resident"],
+        "steps_per_call": template["steps_per_call"], "repeats": repeats,
+        "graph_steps": template["graph_steps"], "template_rows_s": rate,
+        "handwritten_rows_s": hand, "ceiling_rows_s": eager, "ceiling_compiled_rows_s": compiled,
+        "ratio_handwritten": round(rate / hand, 3) if hand else None,
+        "ratio_ceiling": round(rate / eager, 3) if eager else None,
+        "ratio_ceiling_compiled": round(rate / compiled, 3) if compiled else None,
+        "all": {k: [round(v) for v in values] for k, values in sides.items() if values},
     }  # fmt: skip
-    graphs = f"{'on' if row['graph_steps'] else 'off'}/{'on' if args.loop_graphs else 'off'}"
     print(
-        f"{'model':<12}{'device':<7}{'n':>3} {'precision':<11}{'batch':>6}{'resident':>9}"
-        f"{'graphs':>8}{'template rows/s':>17}{'loop rows/s':>13}{'ratio':>7}"
-        f"   (median of {repeats}; all runs)"
+        f"{'model':<12}{'device':<7}{'n':>3} {'precision':<11}{'batch':>6}{'compile':>8}"
+        f"{'K':>3}{'graph':>7}{'template':>11}{'loop':>11}{'ceiling':>11}{'+compile':>11}"
+        f"{'t/c+c':>7}   rows/s, median of {repeats}"
     )
     print(
         f"{row['model']:<12}{row['device']:<7}{row['devices']:>3} {row['precision']:<11}"
-        f"{row['batch']:>6}{row['resident']!s:>9}{graphs:>8}{row['template_rows_s']:>17}"
-        f"{row['handwritten_rows_s'] or '-':>13}{row['ratio'] or '-':>7}   "
-        f"template {row['template_all']}, loop {row['handwritten_all'] or '-'}"
+        f"{row['batch']:>6}{row['compile']!s:>8}{row['steps_per_call']:>3}"
+        f"{'on' if row['graph_steps'] else 'off':>7}{rate:>11}{hand or '-':>11}"
+        f"{eager or '-':>11}{compiled or '-':>11}{row['ratio_ceiling_compiled'] or '-':>7}"
+        f"   all runs {row['all']}"
     )
     if args.json:
         with args.json.open("a") as fh:

@@ -11,10 +11,11 @@ sees, and moving a batch to a GPU moves only the batch.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from queue import Empty, Queue
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from project.contract import InputContract
 from project.data.columnar import ColumnarData
+from project.utils.profiling import marked
 
 # Batch keys beside the graph's inputs: class indices ``(batch,)`` int64, event weights
 # ``(batch,)`` float32 (absent when unweighted) and regression targets ``(batch, n_targets)``
@@ -108,6 +110,10 @@ class SoATensors:
         ``fixed_size`` selects the synchronisation-free gather described in the class
         docstring; by default it is used in the device-resident layout (see ``to``).
         """
+        with marked("soa.gather"):
+            return self._gather(rows, fixed_size)
+
+    def _gather(self, rows: Tensor, fixed_size: bool | None) -> dict[str, Tensor]:
         rows = rows.to(self.device)
         if fixed_size is None:
             fixed_size = self.resident
@@ -212,13 +218,43 @@ class EpochSampler:
         return torch.arange(*self._eval_bounds(), dtype=torch.int64)
 
 
+class ResidentBatch(Mapping[str, Tensor]):
+    """The SoA batch of ``rows`` of a split on the training device, gathered when first read.
+
+    It reads as the dict ``tensors.batch(rows)``. A consumer that captures the training step
+    in a CUDA graph (``project.training``) takes ``tensors`` and ``rows`` instead, and runs
+    the gather inside the graph: the batch's only input is then its row indices.
+    """
+
+    __slots__ = ("_batch", "rows", "tensors")
+
+    def __init__(self, tensors: SoATensors, rows: Tensor) -> None:
+        self.tensors, self.rows = tensors, rows
+        self._batch: dict[str, Tensor] | None = None
+
+    def gather(self) -> dict[str, Tensor]:
+        """The batch's tensors (gathered once)."""
+        if self._batch is None:
+            self._batch = self.tensors.batch(self.rows)
+        return self._batch
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.gather()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.gather())
+
+    def __len__(self) -> int:
+        return len(self.gather())
+
+
 class SoABatchLoader:
     """An iterable of SoA batches for Lightning (``len`` and ``sampler.set_epoch`` supported).
 
     With the columns on the training device, an epoch's row order is copied there once and
-    every batch is sliced on the device. With host columns, ``prefetch`` batches are formed
-    ahead in a background thread (torch releases the GIL in the gathers) and pinned when
-    ``pin_memory`` is set, so the copy to a GPU can overlap the previous step.
+    every batch is sliced on the device (a ``ResidentBatch``). With host columns, ``prefetch``
+    batches are formed ahead in a background thread (torch releases the GIL in the gathers)
+    and pinned when ``pin_memory`` is set, so the copy to a GPU can overlap the previous step.
     """
 
     def __init__(
@@ -242,11 +278,16 @@ class SoABatchLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _batches(self) -> Iterator[dict[str, Tensor]]:
+    def _batches(self) -> Iterator[Mapping[str, Tensor]]:
         rows = self.sampler.rows().to(self.tensors.device)
+        on_host = self.tensors.device.type == "cpu"
         for i in range(len(self)):
-            batch = self.tensors.batch(rows[i * self.batch_size : (i + 1) * self.batch_size])
-            if self.pin_memory and self.tensors.device.type == "cpu":
+            chosen = rows[i * self.batch_size : (i + 1) * self.batch_size]
+            if not on_host:
+                yield ResidentBatch(self.tensors, chosen)
+                continue
+            batch = self.tensors.batch(chosen)
+            if self.pin_memory:
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             yield batch
 
@@ -255,6 +296,30 @@ class SoABatchLoader:
             yield from self._batches()
             return
         yield from prefetched(self._batches(), self.prefetch)
+
+
+class GroupedBatches:
+    """The batches of ``loader`` handed over ``steps`` at a time, as lists (the epoch's last
+    list may be shorter), for a training step that takes several optimiser steps.
+
+    ``len`` counts lists; the wrapped loader's ``sampler`` (and its ``set_epoch``) is exposed
+    as Lightning expects of a loader.
+    """
+
+    def __init__(self, loader: Any, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.loader, self.steps = loader, steps
+        self.sampler = getattr(loader, "sampler", None)
+        self.batch_sampler = None
+
+    def __len__(self) -> int:
+        return -(-len(self.loader) // self.steps)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        batches = iter(self.loader)
+        while group := list(itertools.islice(batches, self.steps)):
+            yield group
 
 
 def prefetched(batches: Iterator[T], depth: int) -> Iterator[T]:

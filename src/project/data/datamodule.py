@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from project.contract import InputContract
-from project.data.batching import EpochSampler, SoABatchLoader, SoATensors
+from project.data.batching import EpochSampler, GroupedBatches, SoABatchLoader, SoATensors
 from project.data.columnar import ColumnarData
 from project.data.expressions import TableSpec
 from project.data.fitting import LabelCheck, StandardizerFit
@@ -363,9 +363,17 @@ class SoADataModule(L.LightningDataModule):
             prefetch=self.prefetch if device.type != "cpu" else 0,
         )
 
-    def train_dataloader(self) -> SoABatchLoader | StreamLoader:
-        """Shuffled training batches; under DDP each rank gets a disjoint shard per epoch."""
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> SoABatchLoader | StreamLoader | GroupedBatches:
+        """Shuffled training batches; under DDP each rank gets a disjoint shard per epoch.
+
+        A LightningModule whose integer attribute ``steps_per_call`` is above 1 (the
+        template's ``model.steps_per_call``) takes that many batches per training step: they
+        come grouped in lists (``GroupedBatches``).
+        """
+        loader = self._loader("train", shuffle=True)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        steps = getattr(module, "steps_per_call", 1)
+        return GroupedBatches(loader, steps) if steps > 1 else loader
 
     def val_dataloader(self) -> SoABatchLoader | StreamLoader:
         """Validation batches in stored order."""

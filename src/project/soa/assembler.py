@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from project.contract import LOG_FLOOR, Feature, InputContract
+from project.utils.profiling import marked
 
 
 class Standardize(nn.Module):
@@ -108,6 +109,10 @@ class SoAAssembler(nn.Module):
         ``flat`` has shape ``(batch, n_flat)`` (``(batch, 0)`` when the contract has no flat
         columns).
         """
+        with marked("soa.assemble"):  # for profilers; nothing inside a trace or an export
+            return self._assemble(inputs)
+
+    def _assemble(self, inputs: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         pos = self.n_flat
         batch_ref = inputs[0] if self.n_flat else inputs[0][:-1]
         if self.flat_norm is not None:

@@ -1,16 +1,29 @@
-"""CUDA graphs for the training forward and backward (SoA columns to logits).
+"""The whole training step in one CUDA graph: batch gather, forward, loss, backward, gradient
+clipping and the optimiser step.
 
 A small HEP model's training step on a GPU costs little more than its kernel launches: a few
-hundred launches of a few microseconds of host time each, while the GPU waits. Captured once
-in a CUDA graph, the assembler and the network run forward as one replay and backward as
-another (``torch.cuda.make_graphed_callables``); the loss, Lightning's loop and the optimiser
-stay eager, so gradient clipping, schedulers, callbacks and logging work as they do without.
+hundred launches of a few microseconds of host time each, while the GPU waits. Captured once,
+the step is one graph launch. ``GraphedStep`` captures a step function on the first batch and
+replays it on every batch of the same shapes; the caller (``ClassifierModule``) copies the
+batch in (for a batch of device-resident rows, only its row indices: the gather runs inside
+the graph) and reads the loss out.
 
-Graphs need inputs of fixed shapes: the device-resident data path gives them (its jagged
-gather has ``batch * max_length`` slots, see ``project.data.batching``). A batch of another
-shape (the last, short batch of an epoch) runs eagerly. The network must be free of host
-synchronisation (``.item()``, data-dependent shapes) and of Python control flow on tensor
-values, as the template's models are; a capture that fails falls back to eager with a warning.
+What the graph fixes at capture, and how it stays right:
+
+- input shapes: a batch of other shapes (an epoch's short last batch) runs eagerly; when most
+  batches differ (jagged batches formed on the host), the graph is released;
+- the learning rate: captured from a device tensor that is refilled from the optimiser's
+  ``param_groups`` before a replay whenever it changed, so schedulers work as they do eagerly;
+  any other optimiser setting that changes (betas, weight decay) releases the graph;
+- the optimiser: Adam or AdamW built with ``capturable=True`` (``fused`` where the config
+  leaves the implementation open; ``ClassifierModule.configure_optimizers``);
+- the warm-up steps before capture (on a side stream, as CUDA graphs need) are undone: the
+  parameters, buffers, optimiser state and CUDA generator are put back as they were, so the
+  graphed run takes the same steps as an eager one.
+
+The step must be free of host synchronisation (``.item()``, data-dependent shapes) and of
+Python control flow on tensor values, as the template's models are; ``torch.compile``'d code
+inside it is captured too. A capture that fails falls back to eager steps with a warning.
 """
 
 from __future__ import annotations
@@ -21,165 +34,194 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Adam, AdamW, Optimizer
 
 log = logging.getLogger(__name__)
 
-
-class _ColumnsForward(nn.Module):
-    """``model(list_of_columns)`` as a module of positional tensor arguments, the form
-    ``make_graphed_callables`` takes. Kept out of the LightningModule's module tree (it
-    holds the same parameters, and must not appear twice in a ``state_dict``)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *columns: Tensor) -> Tensor:
-        return self.model(list(columns))
+# Lightning precisions whose step needs no gradient scaler (a GradScaler is not captured).
+GRAPH_PRECISIONS = frozenset({"32-true", "bf16-mixed", "bf16-true"})
+# Optimisers whose state warm-up can undo: a fresh state is all zeros (step count, moments).
+GRAPH_OPTIMIZERS = (Adam, AdamW)
 
 
 def graphs_unavailable(
-    device: torch.device, world_size: int, accumulate_grad_batches: int, compiled: bool
+    device: torch.device,
+    world_size: int,
+    accumulate_grad_batches: int,
+    precision: str,
+    optimizer: type,
 ) -> str | None:
-    """Why the training forward cannot run in CUDA graphs here, or None when it can."""
+    """Why the training step cannot run in a CUDA graph here, or None when it can."""
     if device.type != "cuda":
         return f"the training device is {device.type}, not cuda"
     if world_size != 1:
         return f"training runs on {world_size} processes (DDP's gradient hooks are not captured)"
     if accumulate_grad_batches != 1:
-        # The graphed backward writes its gradients into the same buffers on every replay,
-        # which ``.grad`` may alias: accumulated gradients would be overwritten.
         return f"gradients are accumulated over {accumulate_grad_batches} batches"
-    if compiled:
-        return "the network is compiled with torch.compile"
+    if str(precision) not in GRAPH_PRECISIONS:
+        return f"precision {precision} needs a gradient scaler (graphs take {sorted(GRAPH_PRECISIONS)})"
+    if not issubclass(optimizer, GRAPH_OPTIMIZERS):
+        return f"the optimizer is {optimizer.__name__} (graphs take Adam and AdamW)"
     return None
 
 
-class GraphedForward:
-    """The training forward (and its backward) of ``model`` replayed from CUDA graphs.
+def align_step_flags(optimizer: Optimizer) -> None:
+    """Give every parameter group the implementation flags the optimiser was built with.
 
-    Captured on the first call, with that call's input shapes; later calls with the same
-    shapes replay the graphs (the inputs are copied into the graph's input buffers), other
-    shapes return None and the caller runs the model eagerly. When most batches differ in
-    shape from the captured one (jagged batches formed on the host, whose object counts
-    vary), the graphs are released after ``give_up_after`` such batches and training goes on
-    eagerly.
+    Loading a checkpoint replaces them with those of the run that wrote it (a graphed GPU run
+    writes ``capturable=True, fused=True``); the step counts are moved where the flags want
+    them (on the parameter's device for capturable or fused steps, on the host otherwise).
+    """
+    flags = {
+        k: optimizer.defaults[k]
+        for k in ("capturable", "fused", "foreach")
+        if k in optimizer.defaults
+    }
+    for group in optimizer.param_groups:
+        group.update(flags)
+        on_device = bool(group.get("capturable") or group.get("fused"))
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            step = state.get("step") if state else None
+            if isinstance(step, Tensor):
+                where = p.device if on_device else torch.device("cpu")
+                state["step"] = step.to(device=where, dtype=torch.float32)
+
+
+class GraphedStep:
+    """``step(inputs) -> loss`` replayed from one CUDA graph.
+
+    Parameters
+    ----------
+    step
+        One whole optimisation step on a dict of input tensors (zero the gradients, forward,
+        loss, backward, clip, ``optimizer.step()``); returns the detached loss ``()``.
+    optimizer
+        The optimiser ``step`` steps (capturable), whose learning rates are tracked.
+    module
+        Holds every parameter and buffer ``step`` changes (restored after warm-up).
+    warmup
+        Eager steps on a side stream before capture (undone afterwards).
     """
 
     give_up_after = 8
 
-    def __init__(self, model: nn.Module, warmup: int = 3) -> None:
-        self.model = model
-        self.warmup = warmup
-        self.shapes: tuple[torch.Size, ...] | None = None
+    def __init__(
+        self,
+        step: Callable[[dict[str, Tensor]], Tensor],
+        optimizer: Optimizer,
+        module: nn.Module,
+        warmup: int = 3,
+    ) -> None:
+        self.step, self.optimizer, self.module, self.warmup = step, optimizer, module, warmup
+        self.signature: tuple | None = None
         self.failed: str | None = None
         self.replays = 0
         self.other_shapes = 0  # batches run eagerly because their shapes differ
-        self._graphed: Callable[..., Tensor] | None = None
-        self._matrices: list[_Matrix] = []
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._inputs: dict[str, Tensor] = {}
+        self._loss: Tensor | None = None
+        self._lrs: list[Tensor] = []  # the captured learning rates, one per parameter group
+        self._lr_values: list[float] = []
+        self._settings: list[tuple] = []
 
-    def __call__(self, inputs: list[Tensor]) -> Tensor | None:
-        """Logits from the graphs, or None when this batch must run eagerly."""
+    def __call__(self, inputs: dict[str, Tensor]) -> Tensor | None:
+        """The loss of one step replayed from the graph, or None when this batch must be
+        stepped eagerly by the caller."""
         if self.failed is not None:
             return None
-        if self._graphed is None:
-            self._capture(inputs)
-            if self._graphed is None:
+        signature = tuple((k, v.shape, v.dtype) for k, v in inputs.items())
+        if self._graph is None:
+            self._capture(inputs, signature)
+            if self._graph is None:
                 return None
-        if tuple(t.shape for t in inputs) != self.shapes:
+        elif signature != self.signature:
             self.other_shapes += 1
             if self.other_shapes >= self.give_up_after and self.other_shapes > self.replays:
-                self.failed = "the input shapes vary from batch to batch"
-                self._graphed, self._matrices = None, []  # release the graphs and buffers
-                log.info("CUDA graphs released, training runs eagerly: %s", self.failed)
+                self.release("the input shapes vary from batch to batch")
             return None
-        for matrix in self._matrices:
-            inputs = matrix.load(inputs)
+        if not self._settings_unchanged():
+            self.release("an optimizer setting other than the learning rate changed")
+            return None
+        for key, value in inputs.items():
+            self._inputs[key].copy_(value)
+        self._graph.replay()
         self.replays += 1
-        return self._graphed(*inputs)
+        return self._loss
 
-    def _capture(self, inputs: list[Tensor]) -> None:
-        # The graphs keep their own input buffers (copies of this batch); each replay copies
-        # the batch into them: a matrix whose columns the batch's inputs are (the resident
-        # layout's gathers) in one copy, every other input on its own.
-        samples = [t.detach().clone(memory_format=torch.contiguous_format) for t in inputs]
-        self._matrices = _Matrix.find(inputs)
-        for matrix in self._matrices:
-            for i, view in matrix.views.items():
-                samples[i] = view
-        device_type = samples[0].device.type
-        # Captured under the surrounding mixed precision (if any), without autocast's weight
-        # cache, which graphs do not support.
-        autocast = torch.autocast(
-            device_type,
-            dtype=torch.get_autocast_dtype(device_type),
-            enabled=torch.is_autocast_enabled(device_type),
-            cache_enabled=False,
-        )
+    def release(self, reason: str) -> None:
+        """Drop the graph and its memory; later steps run eagerly."""
+        self.failed = reason
+        self._graph, self._inputs, self._loss = None, {}, None
+        log.info("CUDA graph of the training step released, training steps run eagerly: %s", reason)
+
+    def _settings_unchanged(self) -> bool:
+        groups = self.optimizer.param_groups
+        for i, group in enumerate(groups):
+            lr = group["lr"]
+            if lr != self._lr_values[i]:  # a scheduler stepped: refill the captured tensor
+                self._lrs[i].fill_(lr)
+                self._lr_values[i] = lr
+        return [_settings(g) for g in groups] == self._settings
+
+    def _state(self) -> list[Tensor]:
+        """Every tensor a step changes in place: parameters, buffers, optimiser state."""
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, Tensor)]
+        return tensors
+
+    def _capture(self, inputs: dict[str, Tensor], signature: tuple) -> None:
+        device = next(iter(inputs.values())).device
+        static = {k: v.detach().clone() for k, v in inputs.items()}
+        before = {id(t): t.detach().clone() for t in self._state()}
         try:
-            with autocast:
-                wrapper = torch.cuda.make_graphed_callables(
-                    _ColumnsForward(self.model),
-                    tuple(samples),
-                    num_warmup_iters=self.warmup,
-                    allow_unused_input=True,  # a network may ignore some of its inputs
-                )
-        except Exception as err:  # any capture failure means: run eagerly
+            rng = torch.cuda.get_rng_state(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.step(static)
+            torch.cuda.current_stream(device).wait_stream(side)
+            # Undo the warm-up: a state that existed is put back, one it created (a fresh
+            # optimiser's) is zeroed, which is how Adam and AdamW start.
+            with torch.no_grad():
+                for t in self._state():
+                    saved = before.get(id(t))
+                    t.copy_(saved) if saved is not None else t.zero_()
+            torch.cuda.set_rng_state(rng, device)
+            groups = self.optimizer.param_groups
+            self._lr_values = [g["lr"] for g in groups]
+            self._lrs = [torch.tensor(float(lr), device=device) for lr in self._lr_values]
+            graph = torch.cuda.CUDAGraph()
+            for group, lr in zip(groups, self._lrs, strict=True):
+                group["lr"] = lr
+            try:
+                # thread_local: a loader thread may pin host memory meanwhile (streamed
+                # batches), which the default mode would refuse during the capture.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    loss = self.step(static)
+            finally:
+                for group, value in zip(groups, self._lr_values, strict=True):
+                    group["lr"] = value
+        except Exception as err:  # any capture failure means: step eagerly
             self.failed = f"{type(err).__name__}: {err}"
             warnings.warn(
-                f"CUDA graph capture of the training forward failed, training runs eagerly "
+                f"CUDA graph capture of the training step failed, training steps run eagerly "
                 f"({self.failed}). Set model.cuda_graphs=false to skip the attempt.",
-                stacklevel=2,
+                stacklevel=3,
             )
             return
-        self._graphed = wrapper
-        self.shapes = tuple(s.shape for s in samples)
-        log.info("training forward and backward captured in CUDA graphs, shapes %s", self.shapes)
+        self._graph, self._inputs, self._loss = graph, static, loss
+        self._settings = [_settings(g) for g in self.optimizer.param_groups]
+        self.signature = signature
+        log.info(
+            "training step (gather, forward, backward, optimizer) captured in a CUDA graph, "
+            "inputs %s",
+            {k: tuple(v.shape) for k, v in static.items()},
+        )
 
 
-class _Matrix:
-    """Graph input buffers for inputs that are columns of one contiguous 2-D tensor.
-
-    ``load`` hands the graph the buffer's column views in place of the batch's columns after
-    copying the batch's matrix into the buffer once (the graph skips inputs that are already
-    its buffers). A batch whose columns are not laid out the same way is left as it is.
-    """
-
-    def __init__(self, base: Tensor, positions: dict[int, int]) -> None:
-        self.buffer = base.detach().clone()
-        self.positions = positions  # input index -> element offset of its column in the matrix
-        self.views = {i: self.buffer[:, offset] for i, offset in positions.items()}
-
-    @staticmethod
-    def find(inputs: list[Tensor]) -> list[_Matrix]:
-        """Matrices of which two or more of ``inputs`` are columns."""
-        groups: dict[int, tuple[Tensor, dict[int, int]]] = {}
-        for i, t in enumerate(inputs):
-            base = t._base
-            if (
-                base is not None
-                and base.dim() == 2
-                and t.dim() == 1
-                and base.is_contiguous()
-                and t.stride() == (base.stride(0),)
-            ):
-                offset = t.storage_offset() - base.storage_offset()
-                groups.setdefault(id(base), (base, {}))[1][i] = offset
-        return [_Matrix(base, pos) for base, pos in groups.values() if len(pos) > 1]
-
-    def load(self, inputs: list[Tensor]) -> list[Tensor]:
-        """``inputs`` with this matrix's columns replaced by the buffer's (filled by one copy)."""
-        first = next(iter(self.positions))
-        base = inputs[first]._base
-        if base is None or base.shape != self.buffer.shape or not base.is_contiguous():
-            return inputs
-        start = base.storage_offset()
-        for i, offset in self.positions.items():
-            t = inputs[i]
-            if t._base is not base or t.storage_offset() - start != offset:
-                return inputs
-        self.buffer.copy_(base)
-        inputs = list(inputs)
-        for i, view in self.views.items():
-            inputs[i] = view
-        return inputs
+def _settings(group: dict) -> list:
+    """A parameter group's settings that a graph fixes at capture (all but lr and params)."""
+    return [(k, v) for k, v in group.items() if k not in ("params", "lr")]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -15,12 +17,13 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 
 from project.contract import InputContract
-from project.data.batching import LABEL, TARGETS, WEIGHT
+from project.data.batching import LABEL, TARGETS, WEIGHT, ResidentBatch
 from project.soa.deployable import build_model
-from project.training.graphs import GraphedForward, graphs_unavailable
+from project.training.graphs import GraphedStep, align_step_flags, graphs_unavailable
 from project.training.metrics import EvaluationRecord, evaluation_metrics
 from project.utils import atomic_write_text
 from project.utils.importing import allowed_targets, build_from_config
+from project.utils.profiling import marked
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,13 @@ def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any] | None:
 
 
 PLOT_OPTIONS = {"pt": "jet_pt", "working_point": 0.5, "experiment": None}
+
+# Optimiser steps per Lightning loop step under ``steps_per_call="auto"`` where several are
+# possible (one CUDA device); a loop step costs ~1 ms of host time in Lightning's loop and
+# hooks, more than a small model's whole step replayed from a CUDA graph.
+AUTO_STEPS_PER_CALL = 8
+# The row indices of a device-resident batch, the graph's only input (see ``_graph_step``).
+ROWS = "rows"
 
 
 def _plot_options(options: Mapping[str, Any] | None, contract: InputContract) -> dict[str, Any]:
@@ -143,18 +153,38 @@ class ClassifierModule(L.LightningModule):
     label_smoothing
         Cross-entropy label smoothing.
     compile
-        Compile the network with ``torch.compile`` for training (in place: the checkpoint's
-        keys are those of the uncompiled model, so either kind of run resumes or exports the
-        other's checkpoints).
+        Run the training forward through ``torch.compile`` (static shapes): ``True``,
+        ``False`` or ``"auto"`` (on a CUDA device). Validation and test run the plain model;
+        the checkpoint's keys are those of the plain model, so either kind of run resumes or
+        exports the other's checkpoints. A compilation that fails leaves training uncompiled,
+        with a warning.
     cuda_graphs
-        On a single CUDA device, capture the training forward and backward in CUDA graphs
-        (``project.training.graphs``; off by itself elsewhere, and said why on a GPU). Set
-        it false for a network with Python control flow on tensor values.
+        On a single CUDA device, capture the whole training step (gather, forward, loss,
+        backward, clipping, optimiser step) in a CUDA graph (``project.training.graphs``;
+        off by itself elsewhere, and said why on a GPU). Set it false for a network with
+        Python control flow on tensor values.
+    steps_per_call
+        Optimiser steps per Lightning loop step (``"auto"``: ``AUTO_STEPS_PER_CALL`` on one
+        CUDA device without gradient accumulation or a gradient scaler, else 1). The
+        training loader then hands over that many batches at a time (``SoADataModule``
+        reads this attribute), each stepped in turn.
     plots
         The test plots (``project.training.plots``): ``pt``, the flat input plotted against
         (default ``jet_pt``; none if the contract lacks it), ``working_point``, the signal
         efficiency of the cut in the efficiency-vs-pT plot (0.5), and ``experiment``, an
         optional label and style (``CMS``, ``ATLAS``).
+
+    Two ways of stepping. Without graphs and with one step per call (the CPU's default),
+    Lightning's automatic optimisation steps as usual. Otherwise the module steps itself in
+    ``training_step`` (``_step``: zero the gradients, forward, loss, backward, then
+    ``configure_gradient_clipping`` with the trainer's ``gradient_clip_val`` and
+    ``gradient_clip_algorithm``, then ``optimizer.step()``, the order Lightning keeps), and
+    returns None, so that Lightning's ``optimizer_step`` only runs the closure. Epochs,
+    epoch-interval schedulers, checkpoints and logged metrics are the same either way; the
+    differences: a Lightning step (``global_step``, ``max_steps``, ``log_every_n_steps``,
+    step-interval schedulers) counts loop steps, ``steps_per_call`` optimiser steps each, and
+    callbacks' backward and optimiser-step hooks (``on_before_backward``,
+    ``on_after_backward``, ``on_before_optimizer_step``) are not called.
 
     Validation and test metrics count rows by their weights (``project.training.metrics``):
     ``auroc`` and ``accuracy`` for classes, ``mae_``, ``r2_``, ``response_`` and
@@ -166,8 +196,19 @@ class ClassifierModule(L.LightningModule):
     # Lightning sets ``_current_fx_name`` before and after every hook it calls, about 40
     # times a step; ``nn.Module.__setattr__`` takes ~3 us a call against 0.2 us (measured
     # on a 2-core CPU machine), ~0.1 ms of host time a step that a small model's GPU step,
-    # bound by host time, pays in full.
-    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_loss_sum", "_loss_steps"})
+    # bound by host time, pays in full. ``_compiled`` (the compiled model) and
+    # ``_graph_source`` (the resident split a graph gathers from) must stay out of the
+    # module tree: they are not this module's parts, and would appear twice in a state_dict.
+    _PLAIN_ATTRIBUTES = frozenset(
+        {
+            "_current_fx_name",
+            "_loss_sum",
+            "_loss_steps",
+            "_compiled",
+            "_graph_source",
+            "_optimizer_range",
+        }
+    )
 
     def __init__(
         self,
@@ -176,11 +217,19 @@ class ClassifierModule(L.LightningModule):
         optimizer: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
-        compile: bool = False,
+        compile: bool | str = False,
         cuda_graphs: bool = True,
+        steps_per_call: int | str = 1,
         plots: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        for key, value in (("compile", compile), ("steps_per_call", steps_per_call)):
+            if value != "auto" and not isinstance(value, (bool, int)):
+                raise ValueError(f"model.{key} must be auto or a number/boolean, got {value!r}")
+        if steps_per_call != "auto" and (isinstance(steps_per_call, bool) or steps_per_call < 1):
+            raise ValueError(
+                f"model.steps_per_call must be auto or a whole number >= 1, got {steps_per_call!r}"
+            )
         self.save_hyperparameters(
             {
                 "net": _plain(net),
@@ -188,8 +237,9 @@ class ClassifierModule(L.LightningModule):
                 "optimizer": _plain(optimizer),
                 "scheduler": _plain(scheduler),
                 "label_smoothing": float(label_smoothing),
-                "compile": bool(compile),
+                "compile": compile if compile == "auto" else bool(compile),
                 "cuda_graphs": bool(cuda_graphs),
+                "steps_per_call": steps_per_call,
                 "plots": _plain(plots),
             }
         )
@@ -212,8 +262,16 @@ class ClassifierModule(L.LightningModule):
         self._loss_steps = 0
         pt = self.plot_options["pt"]
         self.test_record = EvaluationRecord([pt] if pt else [])
-        self._graphed: GraphedForward | None = None
-        self.cuda_graph_steps = 0  # training steps replayed from CUDA graphs in the last fit
+        # Resolved for the training device in ``setup("fit")``.
+        self.steps_per_call = 1 if steps_per_call == "auto" else int(steps_per_call)
+        self._compiled: Callable[[list[Tensor]], Tensor] | None = None
+        self._compile_checked = False
+        self._graph: GraphedStep | None = None
+        self._graph_reason: str | None = "not decided yet"  # why there is no graph
+        self._graph_source: Any = None
+        self._own_steps = False
+        self._optimizer_range: Any = contextlib.nullcontext()
+        self.cuda_graph_steps = 0  # training steps replayed from a CUDA graph in the last fit
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ClassifierModule._PLAIN_ATTRIBUTES:
@@ -221,62 +279,212 @@ class ClassifierModule(L.LightningModule):
         else:
             super().__setattr__(name, value)
 
+    def _several_steps_unavailable(self) -> str | None:
+        """Why one Lightning step cannot take several optimiser steps here, or None."""
+        trainer = self.trainer
+        if trainer.world_size != 1:
+            return f"training runs on {trainer.world_size} processes"
+        if trainer.accumulate_grad_batches != 1:
+            return f"gradients are accumulated over {trainer.accumulate_grad_batches} batches"
+        if str(trainer.precision) == "16-mixed":
+            return "precision 16-mixed steps through a gradient scaler"
+        return None
+
     def setup(self, stage: str) -> None:
-        """Compile the network in place on the training device if asked."""
-        if self.hparams.compile and stage == "fit":
-            self.model.compile()
+        """Resolve ``compile`` and ``steps_per_call`` for the training device, and compile."""
+        if stage != "fit":
+            return
+        device = self.trainer.strategy.root_device
+        wanted = self.hparams.steps_per_call
+        reason = self._several_steps_unavailable()
+        if wanted == "auto":
+            several = device.type == "cuda" and reason is None
+            self.steps_per_call = AUTO_STEPS_PER_CALL if several else 1
+        elif wanted > 1 and reason is not None:
+            raise ValueError(
+                f"model.steps_per_call={wanted} cannot be used here: {reason}. Set "
+                "model.steps_per_call=1 (or auto)."
+            )
+        compile_ = self.hparams.compile
+        if compile_ is True or (compile_ == "auto" and device.type == "cuda"):
+            # A separate compiled callable: validation runs the plain model, whose batch
+            # shapes would each need a compilation, and the state_dict keeps its keys.
+            self._compiled = torch.compile(self.model, dynamic=False)
+            self._compile_checked = False
 
     def on_train_start(self) -> None:
-        """Decide whether the training forward runs in CUDA graphs (captured on the first
-        batch, see ``project.training.graphs``)."""
-        self._graphed = None
-        if not self.hparams.cuda_graphs:
-            return
-        reason = graphs_unavailable(
-            self.device,
-            self.trainer.world_size,
-            self.trainer.accumulate_grad_batches,
-            bool(self.hparams.compile),
-        )
-        if reason is None:
-            self._graphed = GraphedForward(self.model)
-        elif self.device.type == "cuda":  # said where graphs were possible but are off
-            log.info("training forward runs eagerly (no CUDA graphs): %s", reason)
+        """Decide how training steps: in a CUDA graph (captured on the first batch, see
+        ``project.training.graphs``), stepped by the module, or by Lightning."""
+        self._graph = None
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        align_step_flags(optimizer)  # a resumed checkpoint's flags are those of its run
+        if self.hparams.cuda_graphs and self._graph_reason is None:
+            self._graph = GraphedStep(self._graph_step, optimizer, self)
+        elif self.hparams.cuda_graphs and self.device.type == "cuda":
+            log.info("training steps run eagerly (no CUDA graph): %s", self._graph_reason)
+        self._own_steps = self._graph is not None or self.steps_per_call > 1
+        if self._own_steps:
+            # training_step returns None by design (it has stepped already); Lightning warns
+            # once that it did.
+            warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
     def on_train_end(self) -> None:
-        """Release the graphs (and the memory they hold) once training is over."""
-        self.cuda_graph_steps = self._graphed.replays if self._graphed is not None else 0
-        self._graphed = None
+        """Release the graph (and the memory it holds) once training is over."""
+        self.cuda_graph_steps = self._graph.replays if self._graph is not None else 0
+        self._graph, self._graph_source = None, None
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The head ``(batch, n_outputs)`` of a SoA batch (class logits, standardised targets)."""
-        inputs = [batch[name] for name in self.input_names]
-        if self._graphed is not None and self.training:
-            logits = self._graphed(inputs)
-            if logits is not None:
-                return logits
-        return self.model(inputs)
+        return self.model([batch[name] for name in self.input_names])
+
+    def _train_forward(self, inputs: list[Tensor]) -> Tensor:
+        """The training forward, compiled where asked; a compilation that fails (on the first
+        call) leaves training uncompiled, with a warning."""
+        if self._compiled is None:
+            return self.model(inputs)
+        if self._compile_checked:
+            return self._compiled(inputs)
+        try:
+            head = self._compiled(inputs)
+        except Exception as err:  # a compiler or backend failure: train uncompiled
+            warnings.warn(
+                f"torch.compile of the training forward failed, training runs uncompiled "
+                f"({type(err).__name__}: {err}). Set model.compile=false to skip the attempt.",
+                stacklevel=2,
+            )
+            self._compiled = None
+            return self.model(inputs)
+        self._compile_checked = True
+        return head
 
     def _losses(self, head: Tensor, batch: Mapping[str, Tensor], smoothing: float = 0.0) -> dict:
         return loss_terms(
             head, batch, self.contract, self.model.target_mean, self.model.target_scale, smoothing
         )
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        """One optimisation step's loss."""
-        loss = self._losses(self(batch), batch, self.hparams.label_smoothing)["total"]
+    def _training_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        with marked("train.forward"):
+            head = self._train_forward([batch[name] for name in self.input_names])
+            return self._losses(head, batch, self.hparams.label_smoothing)["total"]
+
+    def _step(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """One optimisation step on ``batch``, as Lightning's automatic optimisation makes it;
+        the detached loss.
+
+        The forward runs under the surrounding mixed precision (if any) without autocast's
+        weight cache (a CUDA graph must cast the weights it is replayed with, not those of a
+        warm-up step); backward, clipping and the optimiser step run outside autocast, as
+        they do under Lightning.
+        """
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        optimizer.zero_grad(set_to_none=True)
+        device = self.device.type
+        autocast = torch.autocast(
+            device,
+            dtype=torch.get_autocast_dtype(device),
+            enabled=torch.is_autocast_enabled(device),
+            cache_enabled=False,
+        )
+        with autocast:
+            loss = self._training_loss(batch)
+        with torch.autocast(device, enabled=False):
+            with marked("train.backward"):
+                loss.backward()
+            with marked("train.optimizer_step"):
+                trainer = self.trainer
+                self.configure_gradient_clipping(
+                    optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+                )
+                optimizer.step()
+        return loss.detach()
+
+    def _graph_step(self, inputs: dict[str, Tensor]) -> Tensor:
+        """The captured step: for resident rows, the gather from the split is part of it."""
+        if self._graph_source is not None:
+            return self._step(self._graph_source.batch(inputs[ROWS]))
+        return self._step(inputs)
+
+    def _replayed(self, batch: Mapping[str, Tensor]) -> Tensor | None:
+        """The loss of ``batch`` stepped from the CUDA graph, or None (step it eagerly)."""
+        graph = self._graph
+        if graph is None:
+            return None
+        if isinstance(batch, ResidentBatch):
+            if self._graph_source is None and graph.signature is None:
+                self._graph_source = batch.tensors  # the split the graph will gather from
+            if batch.tensors is not self._graph_source:
+                return None
+            inputs = {ROWS: batch.rows}
+        elif self._graph_source is not None:
+            return None
+        else:
+            inputs = dict(batch)
+        with marked("train.step_graph"):
+            return graph(inputs)
+
+    def _record_loss(self, loss: Tensor) -> None:
+        value = loss.detach().float()
+        # A copy to start from: a replayed loss is overwritten by the next replay.
+        self._loss_sum = value.clone() if self._loss_sum is None else self._loss_sum + value
+        self._loss_steps += 1
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """The step's loss (Lightning steps the optimiser), or None where the module has
+        stepped itself (see the class docstring); ``batch`` is one SoA batch or a list of
+        ``steps_per_call`` of them."""
         # The hot path stays free of host synchronisation and of Lightning's logging
         # machinery (a ``self.log`` call costs about a millisecond of host time, more than
         # a whole small-model step on a GPU): the step loss is logged only on the steps whose
         # metrics the logger writes (every ``log_every_n_steps``), and the epoch mean is a
         # running device-side sum, logged and reduced across ranks once, at the epoch's end.
         every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:
-            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
-        value = loss.detach().float()
-        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-        self._loss_steps += 1
-        return loss
+        log_step = bool(every) and (self.global_step + 1) % every == 0
+        if not self._own_steps:
+            loss = self._training_loss(batch)
+            if log_step:
+                self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
+            self._record_loss(loss)
+            return loss
+        for part in batch if isinstance(batch, list) else [batch]:
+            loss = self._replayed(part)
+            if loss is None:
+                loss = self._step(part)
+            self._record_loss(loss)
+        if log_step:  # a copy: a replayed loss is overwritten by the next replay
+            self.log("train/loss_step", loss.clone(), on_step=True, on_epoch=False)
+        return None
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Lightning's step; where the module steps itself, only the closure (which runs
+        ``training_step``)."""
+        if self._own_steps:
+            optimizer_closure()
+            return
+        optimizer.step(closure=optimizer_closure)
+        opened, self._optimizer_range = self._optimizer_range, contextlib.nullcontext()
+        opened.__exit__(None, None, None)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Open the profiler range of Lightning's optimiser step, clipping included (the
+        closure's forward and backward have run; ``optimizer_step`` closes it)."""
+        self._optimizer_range = marked("train.optimizer_step")
+        self._optimizer_range.__enter__()
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        """Lightning's ``zero_grad``; where the module steps itself, ``_step`` does it."""
+        if not self._own_steps:
+            optimizer.zero_grad()
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward, marked for profilers."""
+        with marked("train.backward"):
+            super().backward(loss, *args, **kwargs)
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's mean training loss, averaged over ranks (every rank runs the same
@@ -307,13 +515,18 @@ class ClassifierModule(L.LightningModule):
         self, batch: Any, device: torch.device, dataloader_idx: int
     ) -> Any:
         """A SoA batch moves column by column (non-blocking from pinned memory); a resident
-        one is already there and is returned as it is. Lightning's generic transfer walks
+        one is already there and is returned as it is (not yet gathered), and a list of
+        batches (``steps_per_call``) moves batch by batch. Lightning's generic transfer walks
         the batch with ``apply_to_collection`` on every step, ~0.1 ms of host time."""
         if type(batch) is dict:
             return {
                 k: v if v.device == device else v.to(device, non_blocking=True)
                 for k, v in batch.items()
             }
+        if isinstance(batch, ResidentBatch) and batch.rows.device == device:
+            return batch
+        if type(batch) is list:
+            return [self.transfer_batch_to_device(b, device, dataloader_idx) for b in batch]
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_fit_start(self) -> None:
@@ -358,7 +571,8 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         """Validation losses and metrics, reduced across ranks at epoch end."""
-        self._evaluate(batch, "val", self.val_metrics)
+        with marked("eval.validation"):
+            self._evaluate(batch, "val", self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation metrics of the epoch."""
@@ -366,8 +580,9 @@ class ClassifierModule(L.LightningModule):
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         """Test losses and metrics; the rows are kept for the plots."""
-        outputs = self._evaluate(batch, "test", self.test_metrics)
-        self.test_record.update(outputs, batch)
+        with marked("eval.test"):
+            outputs = self._evaluate(batch, "test", self.test_metrics)
+            self.test_record.update(outputs, batch)
 
     def on_test_epoch_end(self) -> None:
         """Log the test metrics, gather all ranks' test rows and draw the plots."""
@@ -406,9 +621,28 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """Optimiser (and scheduler, stepped per epoch) from their configs; only targets the
-        project's configs name are built (``project.utils.importing``)."""
+        project's configs name are built (``project.utils.importing``).
+
+        Where the training step will run in a CUDA graph (``graphs_unavailable``), the
+        optimiser is built with ``capturable=True``, and ``fused=True`` unless the config
+        chooses the implementation (``fused`` or ``foreach``): one kernel for the whole update.
+        """
         allowed = allowed_targets()
-        optimizer = build_from_config(self.hparams.optimizer, allowed, params=self.parameters())
+        config = self.hparams.optimizer
+        optimizer = build_from_config(config, allowed, params=self.parameters())
+        trainer = self.trainer
+        self._graph_reason = graphs_unavailable(
+            self.device,
+            trainer.world_size,
+            trainer.accumulate_grad_batches,
+            trainer.precision,
+            type(optimizer),
+        )
+        if self.hparams.cuda_graphs and self._graph_reason is None:
+            flags = {"capturable": True}
+            if "fused" not in config and "foreach" not in config:
+                flags["fused"] = True
+            optimizer = build_from_config(config, allowed, params=self.parameters(), **flags)
         if self.hparams.scheduler is None:
             return optimizer
         scheduler = build_from_config(self.hparams.scheduler, allowed, optimizer=optimizer)

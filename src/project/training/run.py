@@ -21,11 +21,12 @@ from project.contract import ContractError, InputContract
 from project.data.sample import DEFAULT_SAMPLE_ROWS, SAMPLE_FILE, write_sample
 from project.training.callbacks import EpochTimer, HashedCheckpointIO, RandomState
 from project.training.module import NonFiniteLossError
-from project.utils import atomic_write_text, sha256_file
+from project.utils import atomic_write_text, profiling, sha256_file
 from project.utils.importing import UntrustedTargetError, allowed_targets, check_target
 
 LOCK_FILE = ".lock"
 RESUME_DIR_RESOLVER = "resume_run_dir"
+PRECISION_RESOLVER = "best_precision"
 
 
 class RunError(RuntimeError):
@@ -119,10 +120,22 @@ def resume_run_dir(ckpt_path: Any, task_dir: str, new_run_dir: str) -> str:
     return str(run_dir) if run_dir is not None else new_run_dir
 
 
+def best_precision(accelerator: Any) -> str:
+    """The trainer's precision for ``trainer.precision=${best_precision:...}`` (the default):
+    ``bf16-mixed`` where the accelerator is (or, for ``auto``, will be) a CUDA GPU with bf16
+    arithmetic (compute capability 8.0 and later), ``32-true`` elsewhere (the CPU, older
+    GPUs)."""
+    if str(accelerator) not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.get_device_capability() >= (8, 0) else "32-true"
+
+
 def register_resolvers() -> None:
-    """Register ``${resume_run_dir:...}`` (``resume_run_dir``) with OmegaConf; the training
-    entry point calls this before Hydra composes ``configs/train.yaml``."""
+    """Register ``${resume_run_dir:...}`` (``resume_run_dir``) and ``${best_precision:...}``
+    (``best_precision``) with OmegaConf; whatever composes ``configs/train.yaml`` (the
+    training entry point, the benchmarks, the tests) calls this first."""
     OmegaConf.register_new_resolver(RESUME_DIR_RESOLVER, resume_run_dir, replace=True)
+    OmegaConf.register_new_resolver(PRECISION_RESOLVER, best_precision, replace=True)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, task_dir: Path) -> str | None:
@@ -304,11 +317,17 @@ def _fit_and_test(
     callbacks = [*instantiate_group(cfg.get("callbacks")), timer, RandomState()]
     loggers = instantiate_group(cfg.get("logger"))
     plugins = hydra.utils.instantiate(cfg.trainer.get("plugins")) or []
+    # A profiler (profiler=simple|advanced|pytorch) writes into the run directory, and
+    # switches on the template's named ranges (project.utils.profiling).
+    profiler = hydra.utils.instantiate(cfg.profiler) if cfg.get("profiler") else None
+    if profiler is not None:
+        profiling.enable()
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[*plugins, HashedCheckpointIO()],
+        profiler=profiler,
     )
     _write_resolved_config(cfg, output_dir, trainer)
 
