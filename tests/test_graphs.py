@@ -47,6 +47,53 @@ def test_failed_capture_falls_back_to_eager_with_a_warning() -> None:
     assert graphed.replays == 0
 
 
+def test_the_warm_up_before_a_capture_is_undone() -> None:
+    """Warm-up steps (what a capture needs first) leave weights, optimiser and generator as
+    they were: a fresh AdamW's state zeroed is how AdamW starts, a resumed one's is put back;
+    the next step equals the step of a run that never warmed up, bitwise."""
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer, GraphedStep]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(3, 4), torch.nn.Dropout(0.3), torch.nn.Linear(4, 1)
+        )
+        optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+
+        def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = net(inputs["x"]).square().mean()
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        return net, optimizer, GraphedStep(step, optimizer, net)
+
+    x = {"x": torch.randn(8, 3)}
+
+    def both(a: GraphedStep, b: GraphedStep, seed: int) -> None:  # the same dropout masks
+        torch.manual_seed(seed)
+        a.step(x)
+        torch.manual_seed(seed)
+        b.step(x)
+
+    for resumed in (False, True):
+        net, optimizer, graphed = build()
+        reference, ref_optimizer, ref_graphed = build()
+        for seed in range(2 if resumed else 0):  # a run that has stepped already
+            both(graphed, ref_graphed, seed)
+        generator = torch.get_rng_state()
+        graphed._warm_up(x)
+        assert torch.equal(torch.get_rng_state(), generator)
+        assert optimizer.state  # the warm-up stepped: the state exists, as a capture needs
+        for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+            assert torch.equal(p, q)
+        both(graphed, ref_graphed, 5)
+        for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+            assert torch.equal(p, q)
+            for key, value in optimizer.state[p].items():
+                assert torch.equal(value, ref_optimizer.state[q][key]), key
+
+
 class _Replays:
     """Stands in for a captured graph: counts replays."""
 

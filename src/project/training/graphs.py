@@ -171,25 +171,44 @@ class GraphedStep:
             tensors += [v for v in state.values() if isinstance(v, Tensor)]
         return tensors
 
-    def _capture(self, inputs: dict[str, Tensor], signature: tuple) -> None:
+    def _warm_up(self, inputs: dict[str, Tensor]) -> None:
+        """Run ``warmup`` steps on ``inputs`` (what a capture needs first: compilation, the
+        libraries' workspaces, the optimiser's state) and undo them: a state tensor that
+        existed is put back, one they created (a fresh optimiser's) is zeroed, which is how
+        Adam and AdamW start; the generator's state is put back too. On a CUDA device the
+        steps run on a side stream, as a capture needs."""
         device = next(iter(inputs.values())).device
-        static = {k: v.detach().clone() for k, v in inputs.items()}
+        cuda = device.type == "cuda"
         before = {id(t): t.detach().clone() for t in self._state()}
+        rng = torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
         try:
-            rng = torch.cuda.get_rng_state(device)
+            if not cuda:
+                for _ in range(self.warmup):
+                    self.step(inputs)
+                return
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self.step(static)
+                    self.step(inputs)
             torch.cuda.current_stream(device).wait_stream(side)
-            # Undo the warm-up: a state that existed is put back, one it created (a fresh
-            # optimiser's) is zeroed, which is how Adam and AdamW start.
+        finally:
             with torch.no_grad():
                 for t in self._state():
                     saved = before.get(id(t))
                     t.copy_(saved) if saved is not None else t.zero_()
-            torch.cuda.set_rng_state(rng, device)
+            if cuda:
+                torch.cuda.set_rng_state(rng, device)
+            else:
+                torch.set_rng_state(rng)
+
+    def _capture(self, inputs: dict[str, Tensor], signature: tuple) -> None:
+        device = next(iter(inputs.values())).device
+        static = {k: v.detach().clone() for k, v in inputs.items()}
+        try:
+            if device.type != "cuda":
+                raise ValueError(f"the inputs are on {device}, a CUDA graph needs cuda")
+            self._warm_up(static)
             groups = self.optimizer.param_groups
             self._lr_values = [g["lr"] for g in groups]
             self._lrs = [torch.tensor(float(lr), device=device) for lr in self._lr_values]
