@@ -40,3 +40,39 @@ def test_training_benchmark_compares_both_sides(tmp_path: Path) -> None:
     assert row["precision"] == "32-true"
     assert row["ceiling_rows_s"] is None
     assert "template" in result.stdout
+
+
+def test_streaming_benchmark_compares_and_measures_an_epoch(tmp_path: Path) -> None:
+    """``benchmark.py train --stream-compare`` trains in memory and streamed on the same files
+    and reports the medians and every run; ``--stream-epoch`` streams one epoch under the
+    memory budget (the data would not fit it) and reports the peak memory against it."""
+    env = {**os.environ, "BENCHMARK_DIR": str(tmp_path / "logs")}
+    shards = tmp_path / "shards"
+    generate = subprocess.run(
+        [sys.executable, "scripts/generate.py", "data=toy", "data.source.n_jets=6000",
+         "+data.source.block_rows=1000", f"shards.dir={shards}", "shards.size=400kB",
+         "shards.row_group_rows=500"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert generate.returncode == 0, generate.stderr[-3000:]
+    common = ["--model", "mlp", "--batch-size", "32", "--accelerator", "cpu",
+              "--shuffle-buffer", "200", "--files", str(shards / "*.parquet")]  # fmt: skip
+    out = tmp_path / "bench.jsonl"
+    for mode in (["--stream-compare", "--steps", "4", "--warmup", "2", "--repeats", "2"],
+                 ["--stream-epoch", "--warmup", "2", "--memory-budget", "5e5"]):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts/benchmark.py"), "train", *mode, "--json",
+             str(out), *common],
+            capture_output=True, text=True, timeout=300, check=False, cwd=ROOT, env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    compare, epoch = (json.loads(line) for line in out.read_text().splitlines())
+    assert len(compare["in_memory_all"]) == len(compare["streamed_all"]) == 2
+    assert compare["ratio"] == pytest.approx(
+        compare["streamed_rows_s"] / compare["in_memory_rows_s"], 0.01
+    )
+    assert epoch["train_rows"] > 0
+    assert epoch["steps"] == -(-epoch["train_rows"] // 32)
+    assert epoch["peak_rss_gb"] >= epoch["baseline_rss_gb"] > 0
+    assert epoch["limit_gb"] == pytest.approx(5e5 / 1e9 + 1, abs=1e-3)
+    assert "data: streaming (data.stream=auto" in result.stderr

@@ -567,3 +567,35 @@ def test_packed_and_fixed_size_batches_assemble_to_the_same_tensors(tmp_path: Pa
             assembler([a[n] for n in names]), assembler([b[n] for n in names]), strict=True
         ):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_streaming_hdf5_in_its_chunks(tmp_path: Path) -> None:
+    """The HDF5 source (salt/UPP layout) streams in its HDF5 chunks, with the in-memory rows."""
+    import awkward as ak
+    import h5py
+
+    from project.data.sources.h5 import H5Source
+    from project.data.sources.toy import EXTRA, FIELDS, FLAT
+
+    table = ToyJetSource(900, 4, max_constituents=30).table
+    jets = np.zeros(900, dtype=[(c, table[c].dtype) for c in (*FLAT, *EXTRA)])
+    for c in (*FLAT, *EXTRA):
+        jets[c] = table[c]
+    part = np.zeros((900, 30), dtype=[*((f, np.float32) for f in FIELDS), ("valid", bool)])
+    part["valid"] = np.arange(30) < ak.to_numpy(ak.num(table["part_pt"]))[:, None]
+    for f in FIELDS:
+        part[f] = ak.to_numpy(ak.fill_none(ak.pad_none(table[f"part_{f}"], 30, clip=True), 0.0))
+    path = tmp_path / "jets.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("jets", data=jets, chunks=(128,))
+        h5.create_dataset("part", data=part, chunks=(128, 30))
+    streamed = datamodule(H5Source(str(path)), True)
+    in_memory = datamodule(H5Source(str(path)), False)
+    streamed.setup()
+    in_memory.setup()
+    assert len(streamed.stream_index.chunks) == 8  # 900 rows in HDF5 chunks of 128
+    np.testing.assert_array_equal(
+        np.sort(keys(streamed.train_dataloader())), np.sort(table_keys(in_memory.splits["train"]))
+    )
+    for mine, theirs in zip(streamed.contract.features, in_memory.contract.features, strict=True):
+        assert mine.mean == pytest.approx(theirs.mean, rel=1e-9, abs=1e-12)

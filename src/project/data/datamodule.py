@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from project.contract import InputContract
 from project.data.batching import EpochSampler, GroupedBatches, SoABatchLoader, SoATensors
@@ -234,8 +235,6 @@ class SoADataModule(L.LightningDataModule):
 
     def _setup_stream(self, spec: TableSpec) -> None:
         """Index the data (or read the index from ``cache_dir``) and take its constants."""
-        from lightning.pytorch.utilities import rank_zero_only
-
         # The streaming pass fits the reweighting beside the standardisation, on the same rows.
         fits = (
             {}

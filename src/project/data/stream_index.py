@@ -234,7 +234,8 @@ def _index_once(
     name = describe([source.where(f) for f in files])
     file_splits = splitting.file_splits(files) if splitting.by == "file" else {}
     standardizer, labels = StandardizerFit(contract), LabelCheck(contract)
-    val_labels = LabelCheck(contract)
+    # Labels of the validation and test rows are checked too; the class totals of training.
+    other_labels = LabelCheck(contract)
     limit = settings.fit_rows
     fitted = 0
     rows = np.zeros((len(chunks), len(SPLITS)), dtype=np.int64)
@@ -251,7 +252,7 @@ def _index_once(
         largest = max(largest, len(part))
         train = part.take(np.flatnonzero(split == 0))
         labels.update(train)
-        val_labels.update(part.take(np.flatnonzero(split != 0)))
+        other_labels.update(part.take(np.flatnonzero(split != 0)))
         if limit is None or fitted < limit:
             sample = (
                 train if limit is None else train.take(np.arange(min(len(train), limit - fitted)))

@@ -29,7 +29,6 @@ from project.data.splitting import Splitting
 
 log = logging.getLogger(__name__)
 
-STREAM_CHOICES = ("auto", True, False)
 # data.memory_budget=null: this share of the machine's RAM.
 DEFAULT_BUDGET_FRACTION = 0.5
 # The in-memory path holds the parts read and the joined table at once, then the table and
@@ -309,7 +308,7 @@ def decide(
             "groups, the ROOT source's step_size)"
         )
     log.info(
-        f"data: streaming ({why}); streaming holds at most about {format_bytes(need.total)}: "
+        f"data: streaming ({why}); the data in flight takes about {format_bytes(need.total)}: "
         f"{max(settings.workers, 1)} readers with a chunk of up to "
         f"{estimate.max_chunk_entries:,} entries and {buffer_rows(settings, batch_size):,} "
         "buffered rows each"
