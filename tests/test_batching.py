@@ -10,7 +10,13 @@ import torch
 from omegaconf import OmegaConf
 
 from project.contract import LOG_FLOOR, ContractError, Feature, InputContract, JaggedCollection
-from project.data.batching import EpochSampler, SoABatchLoader, SoATensors
+from project.data.batching import (
+    EpochSampler,
+    GroupedBatches,
+    ResidentBatch,
+    SoABatchLoader,
+    SoATensors,
+)
 from project.data.columnar import ColumnarData, Jagged
 from project.data.datamodule import SoADataModule, check_labels, fit_standardizer, split_rows
 from project.data.sources import load
@@ -166,6 +172,30 @@ def test_loader_batches_cover_the_shard() -> None:
     assert len(SoABatchLoader(tensors, 10, sampler, drop_last=True)) == 5
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         SoABatchLoader(tensors, 0, sampler)
+
+
+def test_a_resident_batch_reads_as_its_gather_and_batches_group_for_several_steps() -> None:
+    data = random_table(0, n_rows=53)
+    tensors = SoATensors(data, SMALL_CONTRACT)
+    rows = torch.tensor([5, 0, 52, 7])
+    lazy = ResidentBatch(tensors, rows)
+    gathered = tensors.batch(rows)
+    assert set(lazy) == set(gathered)
+    assert len(lazy) == len(gathered)
+    for key, value in gathered.items():
+        assert torch.equal(lazy[key], value)
+    assert lazy.gather() is lazy.gather()  # gathered once
+    sampler = EpochSampler(len(data), True, seed=1)
+    loader = SoABatchLoader(tensors, 10, sampler)
+    grouped = GroupedBatches(loader, 4)
+    groups = list(grouped)
+    assert grouped.sampler is sampler  # Lightning's set_epoch reaches the loader's sampler
+    assert len(grouped) == len(groups) == 2
+    assert [len(g) for g in groups] == [4, 2]
+    for batch, expected in zip([b for g in groups for b in g], loader, strict=True):
+        assert torch.equal(batch["f"], expected["f"])
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        GroupedBatches(loader, 0)
 
 
 # --- fit_standardizer and check_labels -------------------------------------------------------

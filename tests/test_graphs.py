@@ -235,15 +235,17 @@ def _fit(cfg, steps_per_call: int) -> tuple[dict, dict, object]:
     return weights, trainer.optimizers[0].state_dict(), trainer
 
 
+@pytest.mark.parametrize("model", ["mlp", "deepsets"])
 def test_several_optimizer_steps_per_call_equal_as_many_loop_steps(
-    tmp_path: Path, fast_overrides, compose_train
+    tmp_path: Path, model: str, fast_overrides, compose_train
 ) -> None:
     """K optimiser steps per Lightning step take the same steps as K Lightning steps: same
-    batches, dropout draws, clipping and per-epoch scheduler, bitwise on the CPU."""
+    batches (flat, and jagged for the deep sets), dropout draws, clipping and per-epoch
+    scheduler, bitwise on the CPU."""
     cfg = compose_train(
         [
             *fast_overrides,
-            "model=mlp",
+            f"model={model}",
             "data.source.n_jets=1000",
             "model.net.dropout=0.2",
             "model.scheduler.T_max=4",
