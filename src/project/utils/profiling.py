@@ -17,15 +17,17 @@ Ranges never enter a traced or exported graph: inside ``torch.jit.trace``, ``tor
 ``torch.compile`` or a CUDA graph capture, ``marked`` is a no-op as well (the ranges of a
 captured block appear once, at capture; mark its replay from outside).
 
-A runtime marks its calls the same way, outside the model::
+An inference call is marked the same way, by the code that makes it (``project.predict``,
+a benchmark, an analysis), around the runtime's call::
 
     from project.utils.profiling import marked
 
     with marked("inference.call"):
-        outputs = model(*inputs)
+        outputs = model(inputs)
 
-(``project.inference`` imports nothing of the project but itself and the contract, so it
-keeps an equivalent of this helper: one flag checked in Python, a no-op context otherwise.)
+The runtime itself (``project.inference``) imports nothing of the project but itself and the
+contract, so it does not import this module; it need not: a range around its call covers
+the checks, the backend's run and the copies, and the kernels it launches nest in it.
 """
 
 from __future__ import annotations
