@@ -48,7 +48,7 @@ def test_training_on_gpu_with_resident_data(
 
     cfg = compose_train(
         [*fast_overrides, "trainer=gpu", "model=transformer", "trainer.max_epochs=2", "data.resident=true",
-         f"trainer.precision={precision}", "model.compile=false"],
+         f"trainer.precision={precision}", "model.compile=false", "trainer.gradient_clip_val=1.0"],
         tmp_path,
     )  # fmt: skip
     metrics = train(cfg)

@@ -624,8 +624,9 @@ class ClassifierModule(L.LightningModule):
         project's configs name are built (``project.utils.importing``).
 
         Where the training step will run in a CUDA graph (``graphs_unavailable``), the
-        optimiser is built with ``capturable=True``, and ``fused=True`` unless the config
-        chooses the implementation (``fused`` or ``foreach``): one kernel for the whole update.
+        optimiser is built with ``capturable=True``, and ``fused=True`` (one kernel for the
+        whole update) unless the config chooses the implementation (``fused`` or ``foreach``)
+        or gradients are clipped under mixed precision.
         """
         allowed = allowed_targets()
         config = self.hparams.optimizer
@@ -640,7 +641,10 @@ class ClassifierModule(L.LightningModule):
         )
         if self.hparams.cuda_graphs and self._graph_reason is None:
             flags = {"capturable": True}
-            if "fused" not in config and "foreach" not in config:
+            # Lightning refuses to clip the gradients of a fused optimiser under mixed
+            # precision (such an optimiser may unscale them itself): foreach there.
+            clipped_mixed = bool(trainer.gradient_clip_val) and "mixed" in str(trainer.precision)
+            if "fused" not in config and "foreach" not in config and not clipped_mixed:
                 flags["fused"] = True
             optimizer = build_from_config(config, allowed, params=self.parameters(), **flags)
         if self.hparams.scheduler is None:
