@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from project.training.graphs import GraphedStep, align_step_flags, graphs_unavailable
 
@@ -289,3 +290,22 @@ def test_steps_per_call_is_refused_where_it_cannot_apply(
         trainer.fit(module, datamodule=datamodule)
     with pytest.raises(InstantiationException, match="steps_per_call must be auto or a whole"):
         hydra.utils.instantiate(cfg.model, contract=datamodule.contract.to_dict(), steps_per_call=0)
+
+
+@pytest.mark.slow
+def test_a_compiled_training_forward_trains_like_the_plain_one(
+    tmp_path: Path, fast_overrides, compose_train
+) -> None:
+    """``model.compile=true``: the full batches run the compiled forward (the short last
+    batch the plain one, no second compilation), and training ends where the plain model's
+    does, within the compiler's rounding."""
+    cfg = compose_train([*fast_overrides, "model=mlp", "model.net.dropout=0.0"], tmp_path)
+    plain, _, _ = _fit(cfg, 1)
+    with open_dict(cfg):
+        cfg.model.compile = True
+    compiled, _, trainer = _fit(cfg, 1)
+    module = trainer.lightning_module
+    assert module._compiled is not None  # no compiler failure made it fall back
+    assert module._compiled_shapes[0] == torch.Size([cfg.data.batch_size])
+    for name, value in plain.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -154,7 +154,9 @@ class ClassifierModule(L.LightningModule):
         Cross-entropy label smoothing.
     compile
         Run the training forward through ``torch.compile`` (static shapes): ``True``,
-        ``False`` or ``"auto"`` (on a CUDA device). Validation and test run the plain model;
+        ``False`` or ``"auto"`` (on a CUDA device), for the batches of the first batch's
+        shapes (an epoch's short last batch runs the plain model). Validation and test run
+        the plain model;
         the checkpoint's keys are those of the plain model, so either kind of run resumes or
         exports the other's checkpoints. A compilation that fails leaves training uncompiled,
         with a warning.
@@ -266,6 +268,7 @@ class ClassifierModule(L.LightningModule):
         self.steps_per_call = 1 if steps_per_call == "auto" else int(steps_per_call)
         self._compiled: Callable[[list[Tensor]], Tensor] | None = None
         self._compile_checked = False
+        self._compiled_shapes: list[torch.Size] = []
         self._graph: GraphedStep | None = None
         self._graph_reason: str | None = "not decided yet"  # why there is no graph
         self._graph_source: Any = None
@@ -338,11 +341,16 @@ class ClassifierModule(L.LightningModule):
         return self.model([batch[name] for name in self.input_names])
 
     def _train_forward(self, inputs: list[Tensor]) -> Tensor:
-        """The training forward, compiled where asked; a compilation that fails (on the first
-        call) leaves training uncompiled, with a warning."""
+        """The training forward, compiled where asked, for batches of the first batch's
+        shapes (an epoch's short last batch runs the plain model: a compilation for its shapes
+        takes longer than a whole epoch of a small model). A compilation that fails (on the
+        first call) leaves training uncompiled, with a warning."""
         if self._compiled is None:
             return self.model(inputs)
+        shapes = [t.shape for t in inputs]
         if self._compile_checked:
+            if shapes != self._compiled_shapes:
+                return self.model(inputs)
             return self._compiled(inputs)
         try:
             head = self._compiled(inputs)
@@ -354,7 +362,7 @@ class ClassifierModule(L.LightningModule):
             )
             self._compiled = None
             return self.model(inputs)
-        self._compile_checked = True
+        self._compile_checked, self._compiled_shapes = True, shapes
         return head
 
     def _losses(self, head: Tensor, batch: Mapping[str, Tensor], smoothing: float = 0.0) -> dict:
