@@ -52,7 +52,9 @@ def generate(cfg: DictConfig) -> Path | list[Path] | None:
         )
         return written
     rows = sum(c.n_rows for f in files for c in source.chunks(f, source.schema(f)[0]))
-    print(f"{rows} rows in {len(files)} files ({files[0]}) in {time.perf_counter() - started:.1f} s")
+    print(
+        f"{rows} rows in {len(files)} files ({files[0]}) in {time.perf_counter() - started:.1f} s"
+    )
     if cfg.get("output") is None:
         return None
     out = Path(cfg.output)
