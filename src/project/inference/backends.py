@@ -50,7 +50,7 @@ class TorchScriptBackend(Backend):
         self.module.eval()
 
     def call(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Run with autograd off; outputs stay on the module's device."""
+        """Run with autograd off, on the current CUDA stream; outputs stay on the device."""
         with torch.inference_mode():
             return list(self.module(*inputs))
 
@@ -67,11 +67,13 @@ class AOTIBackend(Backend):
         import torch._inductor
         import torch._inductor.codecache
 
-        self.package = torch._inductor.aoti_load_package(str(path))
+        where = torch.device(device)
+        index = {} if where.index is None else {"device_index": where.index}
+        self.package = torch._inductor.aoti_load_package(str(path), **index)
 
     def call(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Run the compiled graph. No autograd guard is needed: compiled code records no
-        graph, and its outputs never require gradients (its weights are constants)."""
+        """Run the compiled graph (on the current CUDA stream for a CUDA package). No autograd
+        guard is needed: compiled code records no graph, and its weights are constants."""
         return list(self.package(*inputs))
 
 

@@ -140,7 +140,7 @@ class InputPlan:
                 n_rows = len(offsets) - 1
                 arrays += [offsets, *fields]
         except KeyError as err:
-            raise self._missing(str(err.args[0]), columns) from None
+            raise missing_column(self.contract, str(err.args[0]), columns) from None
         if self.nan_policy == "raise":
             for i in self.features:
                 # One value (a flat column at batch 1) as a Python float: 0.8 us for the 9
@@ -168,17 +168,6 @@ class InputPlan:
             pos += 1 + len(coll.fields)
         return out
 
-    def _missing(self, name: str, columns: Mapping[str, Any]) -> InputError:
-        wanted = list(self.contract.flat_names)
-        for coll in self.contract.jagged:
-            wanted += [f"{coll.offsets_name} (or {coll.counts_name})", *coll.field_input_names]
-        found = getattr(columns, "available", None) or sorted(map(str, columns.keys()))
-        shown = ", ".join(found[:30]) + (f", ... ({len(found)} in all)" if len(found) > 30 else "")
-        return InputError(
-            f"the input has no column {name!r}. The model expects (by name, in any order; extra "
-            f"columns are ignored): {', '.join(wanted)}. The input has: {shown or 'no columns'}"
-        )
-
     def _nonfinite(self, arrays: list[np.ndarray]) -> InputError:
         problems = []
         for i in self.features:
@@ -193,6 +182,19 @@ class InputPlan:
             "model with nan_policy='ignore' to pass them on (float64 values beyond the float32 "
             "range become Inf)."
         )
+
+
+def missing_column(contract: InputContract, name: str, columns: Mapping[str, Any]) -> InputError:
+    """The error for input column ``name`` missing from ``columns``, naming what is expected."""
+    wanted = list(contract.flat_names)
+    for coll in contract.jagged:
+        wanted += [f"{coll.offsets_name} (or {coll.counts_name})", *coll.field_input_names]
+    found = getattr(columns, "available", None) or sorted(map(str, columns.keys()))
+    shown = ", ".join(found[:30]) + (f", ... ({len(found)} in all)" if len(found) > 30 else "")
+    return InputError(
+        f"the input has no column {name!r}. The model expects (by name, in any order; extra "
+        f"columns are ignored): {', '.join(wanted)}. The input has: {shown or 'no columns'}"
+    )
 
 
 def _feature(value: Any, feat: Feature, name: str, ws: Workspace) -> np.ndarray:
