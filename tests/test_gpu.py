@@ -138,3 +138,210 @@ def test_cuda_artifacts_are_exported_and_checked(
     ts_cuda = by_key[("torchscript", "cuda")]
     assert ts_cuda is not None
     assert ts_cuda["passed"]
+
+
+# --- Inference on the device -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_export(tmp_path_factory, fast_overrides, compose_train, compose_export) -> Path:
+    """A toy deep-sets run trained on the GPU and exported for the CPU and CUDA (TorchScript,
+    AOTInductor, ONNX); an artifact that fails parity is recorded, not published as passed."""
+    from project.deploy.export import run_export
+    from project.inference.threads import ThreadPolicy, apply_torch_policy
+    from project.training.run import train
+
+    # The deployment policy before the training's thread pools exist (see test_inference.py).
+    intra = torch.get_num_threads()
+    apply_torch_policy(ThreadPolicy.single())
+    torch.set_num_threads(intra)
+    tmp = tmp_path_factory.mktemp("cuda-export")
+    cfg = compose_train(
+        [*fast_overrides, "trainer=gpu", "model=deepsets", "data.source.n_jets=1500"], tmp
+    )
+    train(cfg)
+    export = compose_export(
+        [f"run_dir={cfg.paths.output_dir}", f"output_dir={tmp / 'exported'}", "name=deepsets",
+         "devices=[cpu,cuda]", "formats=[torchscript,aoti,onnx]", "allow_partial=true"]
+    )  # fmt: skip
+    yield run_export(export).export_dir
+    torch.set_num_threads(intra)
+
+
+def _golden(export_dir: Path) -> dict:
+    import numpy as np
+
+    with np.load(export_dir / "golden.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def _spy(model) -> list[list[int]]:
+    """Record the data pointers of the inputs of every backend call."""
+    seen: list[list[int]] = []
+    call = model.runner.call
+
+    def spy(tensors):
+        seen.append([t.data_ptr() for t in tensors])
+        return call(tensors)
+
+    model.runner.call = spy
+    return seen
+
+
+def _tolerance(export_dir: Path, fmt: str) -> dict:
+    tol = json.loads((export_dir / "manifest.json").read_text())["tolerance"][fmt]
+    return {"atol": tol["abs"], "rtol": tol["rel"]}
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "aoti"])
+def test_cuda_inference_from_cuda_tensors(cuda_export: Path, fmt: str) -> None:
+    """CUDA tensors in, without a copy (the offsets, clamped on the device, are the one copy);
+    CUDA tensors out, equal to the golden outputs. An AOTInductor package that failed its
+    parity check is passed over by the default choice and refused by name, with the reason."""
+    import numpy as np
+
+    from project.inference import ArtifactError, load
+
+    manifest = json.loads((cuda_export / "manifest.json").read_text())
+    entry = next(
+        (a for a in manifest["artifacts"] if (a["format"], a["device"]) == (fmt, "cuda")), None
+    )
+    default = load(cuda_export, device="cuda")
+    if entry is None or not entry["passed"]:
+        assert default.backend != fmt
+        assert any(note.startswith(f"{fmt}:") for note in default.selection), default.selection
+        with pytest.raises(ArtifactError, match=f"{fmt}: (failed its parity|no cuda artifact)"):
+            load(cuda_export, fmt, device="cuda")
+        return
+    model = load(cuda_export, fmt, device="cuda")
+    assert model.device == torch.device("cuda", torch.cuda.current_device())
+    gold = _golden(cuda_export)
+    cols = {n: torch.from_numpy(gold[n]).cuda() for n in model.input_names}
+    seen = _spy(model)
+    got = model(cols)
+    offsets = model.contract.jagged[0].offsets_name
+    for name, pointer in zip(model.input_names, seen[0], strict=True):
+        assert (pointer == cols[name].data_ptr()) == (name != offsets), name
+    for name in model.output_names:
+        assert got[name].device == model.device
+        assert got[name].dtype == torch.float32
+        np.testing.assert_allclose(
+            got[name].cpu().numpy(), gold[name], **_tolerance(cuda_export, fmt)
+        )
+    host = model(cols, to_host=True)
+    for name in model.output_names:
+        assert isinstance(host[name], np.ndarray)
+        np.testing.assert_array_equal(host[name], got[name].cpu().numpy())
+    model.synchronize()
+
+
+def test_cuda_inference_from_dlpack_and_the_cuda_array_interface(cuda_export: Path) -> None:
+    """CuPy arrays (DLPack) and objects that only have ``__cuda_array_interface__`` are taken in
+    place, also on a CuPy stream of the caller's (``stream=``: the stream object or its
+    handle); the results equal those of torch tensors."""
+    import cupy as cp
+
+    from project.inference import load
+
+    model = load(cuda_export, device="cuda")
+    gold = _golden(cuda_export)
+    expected = model({n: torch.from_numpy(gold[n]).cuda() for n in model.input_names})
+
+    class OnlyInterface:
+        def __init__(self, arr) -> None:
+            self.__cuda_array_interface__ = arr.__cuda_array_interface__
+            self.arr = arr
+
+    offsets = model.contract.jagged[0].offsets_name
+    stream = cp.cuda.Stream(non_blocking=True)
+    for how in ("dlpack", "interface", "stream", "handle"):
+        with stream if how in ("stream", "handle") else cp.cuda.Stream.null:
+            arrays = {n: cp.asarray(gold[n]) * 1 for n in model.input_names}  # made on that stream
+            cols = (
+                arrays if how != "interface" else {n: OnlyInterface(a) for n, a in arrays.items()}
+            )
+            seen = _spy(model)
+            given = {"stream": stream, "handle": stream.ptr}.get(how)
+            got = model(cols, stream=given) if given is not None else model(cols)
+            del model.runner.call
+        stream.synchronize()
+        for name, pointer in zip(model.input_names, seen[0], strict=True):
+            assert (pointer == arrays[name].data.ptr) == (name != offsets), (how, name)
+        for name in model.output_names:
+            assert got[name].is_cuda
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
+    model.synchronize()
+
+
+def test_cuda_value_checks_do_not_wait(cuda_export: Path) -> None:
+    """NaN/Inf and offsets are checked on the device without synchronising the stream: a call
+    returns while the stream is still busy, and its verdict is reported by a later call (or
+    ``synchronize()``); ``validate=True`` reports in the call, naming the column; offsets past
+    the fields' end neither crash the device (no device-side assert) nor pass silently."""
+    from project.inference import InputError, load
+
+    model = load(cuda_export, device="cuda")
+    gold = _golden(cuda_export)
+    cols = {n: torch.from_numpy(gold[n]).cuda() for n in model.input_names}
+    coll = model.contract.jagged[0]
+    field = coll.field_input_names[0]
+    nan_field = cols[field].clone()
+    nan_field[5] = float("nan")
+    past_end = cols[coll.offsets_name].clone()
+    past_end[-1] += 1000
+    for _ in range(3):  # calls 1 to 3: TorchScript optimises on its first calls
+        model(cols)
+    busy = torch.randn(8192, 8192, device="cuda")
+    for _ in range(10):
+        busy = busy @ busy
+        busy /= busy.norm()
+    model({**cols, field: nan_field})  # returns at once: no raise, no wait
+    assert not torch.cuda.current_stream().query()
+    with pytest.raises(InputError, match=r"call 4 of this thread on cuda.*NaN or Inf"):
+        model.synchronize()
+    model({**cols, coll.offsets_name: past_end})
+    torch.cuda.synchronize()
+    with pytest.raises(InputError, match=r"call 5 .*offsets or counts entries"):
+        model(cols)  # the next call reports the earlier one, before running
+    with pytest.raises(InputError, match=f"{field!r}: 1 NaN"):
+        model({**cols, field: nan_field}, validate=True)
+    with pytest.raises(InputError, match="point past the end"):
+        model({**cols, coll.offsets_name: past_end}, validate=True)
+    ignoring = model.with_nan_policy("ignore")
+    ignoring({**cols, field: nan_field})
+    ignoring.synchronize()  # NaN passed on; the offsets are still checked
+    ignoring({**cols, coll.offsets_name: past_end})
+    with pytest.raises(InputError, match="offsets or counts"):
+        ignoring.synchronize()
+    # The device still works: the same call as at first gives the same outputs.
+    again = model(cols, to_host=True)
+    first = load(cuda_export, device="cuda")(cols, to_host=True)
+    for name in model.output_names:
+        assert (again[name] == first[name]).all()
+
+
+def test_cuda_chunks_counts_and_views(cuda_export: Path) -> None:
+    """Chunks of ``max_batch`` rows, counts instead of offsets and an offsets view of the
+    fields give the rows' outputs of one call."""
+    from project.inference import load
+
+    model = load(cuda_export, device="cuda")
+    assert model.max_batch > 10**9  # no chunks by default on CUDA
+    chunked = load(cuda_export, device="cuda", max_batch=7)
+    gold = _golden(cuda_export)
+    cols = {n: torch.from_numpy(gold[n]).cuda() for n in model.input_names}
+    coll = model.contract.jagged[0]
+    whole = model(cols)
+    counts = {k: v for k, v in cols.items() if k != coll.offsets_name}
+    counts[coll.counts_name] = torch.diff(cols[coll.offsets_name]).to(torch.int32)
+    view = {**cols, coll.offsets_name: cols[coll.offsets_name][9:]}
+    view.update({n: cols[n][9:] for n in model.contract.flat_names})
+    for got, rows in (
+        (chunked(cols), slice(None)),
+        (model(counts), slice(None)),
+        (model(view), slice(9, None)),
+    ):
+        for name in model.output_names:
+            torch.testing.assert_close(got[name], whole[name][rows], rtol=1e-5, atol=1e-6)
+    model.synchronize()
+    chunked.synchronize()

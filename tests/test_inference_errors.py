@@ -323,9 +323,14 @@ def test_values_that_asarray_would_take_wrongly(model, cols) -> None:
     cols["jet_pt"] = pa.array([*pt[:-1].tolist(), None], pa.float32())
     with pytest.raises(InputError, match="'jet_pt' has 1 null values"):
         model(cols)
-    cols["jet_pt"] = torch.from_numpy(pt).requires_grad_()
-    with pytest.raises(InputError, match="'jet_pt' cannot be read as a 1-D array"):
+    cols["jet_pt"] = pt
+    eta = cols["jet_eta"]
+    cols["jet_eta"] = torch.from_numpy(eta).requires_grad_()  # numpy columns beside it
+    with pytest.raises(InputError, match="'jet_eta' cannot be read as a 1-D array"):
         model(cols)
+    # With the first column a tensor, the call takes tensors (and gives them back).
+    cols["jet_pt"], cols["jet_eta"] = torch.from_numpy(pt).requires_grad_(), eta
+    np.testing.assert_array_equal(model(cols)["prob_top"].numpy(), expected)
     cols["jet_pt"] = None
     with pytest.raises(InputError, match="'jet_pt' is a NoneType, not an array"):
         model(cols)
