@@ -280,7 +280,9 @@ class TableSpec:
         if nan_policy not in NAN_POLICIES:
             raise ContractError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         self.contract = contract
-        self.flat = {f.name: (f, Expression(f.expr, f"flat column {f.name!r}")) for f in contract.flat}
+        self.flat = {
+            f.name: (f, Expression(f.expr, f"flat column {f.name!r}")) for f in contract.flat
+        }
         self.jagged: dict[str, dict[str, tuple[Feature, Expression]]] = {
             c.name: {f.name: (f, Expression(f.expr, f"field {c.name}.{f.name}")) for f in c.fields}
             for c in contract.jagged
@@ -294,7 +296,10 @@ class TableSpec:
             Expression(contract.label, "label") if labels and contract.label is not None else None
         )
         self.targets = (
-            {t.name: Expression(t.expr, f"regression target {t.name!r}") for t in contract.regression}
+            {
+                t.name: Expression(t.expr, f"regression target {t.name!r}")
+                for t in contract.regression
+            }
             if labels
             else {}
         )
@@ -459,7 +464,8 @@ class Binding:
         ids = {name: _numeric(arrays[name], name)[row_event] for name in spec.ids}
         ids["entry"] = start + row_event
         jagged = {
-            cname: self._collection(cname, fields, arrays, start) for cname, fields in spec.jagged.items()
+            cname: self._collection(cname, fields, arrays, start)
+            for cname, fields in spec.jagged.items()
         }
         # Non-finite values: per row of this chunk, in the features it sees, targets, weights.
         finite = np.ones(n_rows, dtype=bool)
@@ -607,7 +613,9 @@ def check_kept(before: int, kept: int, spec: TableSpec, source: str) -> None:
         raise ContractError(f"{source}: no {spec.unit} to read (empty files or trees)")
     if kept == 0:
         what = (
-            f"selection = {spec.selection.text!r}" if spec.selection is not None else "the NaN policy"
+            f"selection = {spec.selection.text!r}"
+            if spec.selection is not None
+            else "the NaN policy"
         )
         raise ContractError(
             f"{source}: {what} keeps none of the {before} {spec.unit}; loosen it or check the "

@@ -31,7 +31,10 @@ def _record(path: Path) -> Path:
 
 
 def write_sample(
-    data: ColumnarData, contract: InputContract, path: str | Path, max_rows: int = DEFAULT_SAMPLE_ROWS
+    data: ColumnarData,
+    contract: InputContract,
+    path: str | Path,
+    max_rows: int = DEFAULT_SAMPLE_ROWS,
 ) -> Path:
     """Write the first ``max_rows`` rows of ``data`` (the validation split, in stored order) and
     their hash record; returns the Parquet path."""

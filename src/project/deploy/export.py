@@ -39,6 +39,7 @@ from project.deploy.parity import (
     format_failures,
     format_table,
 )
+from project.soa.checkpoint import HASH_RECORD, recorded_sha256
 from project.utils import atomic_write_text, follow_umask, sha256_file
 
 FILES = {
@@ -182,14 +183,12 @@ def find_checkpoint(run_dir: Path, which: str) -> tuple[Path, str | None]:
             f"run {run_dir}: checkpoint {which!r} not found (looked for {path}); checkpoints "
             f"there: {found or 'none'}. Give ckpt=last or ckpt=<path>."
         )
-    hashes_file = path.parent / "sha256.json"
-    hashes = json.loads(hashes_file.read_text()) if hashes_file.is_file() else {}
-    return path, hashes.get(path.name)
+    return path, recorded_sha256(path)
 
 
 def _unverified(ckpt_path: Path, require_hash: bool) -> None:
     """Warn about (or, with ``require_hash``, refuse) a checkpoint without a recorded hash."""
-    record = ckpt_path.parent / "sha256.json"
+    record = ckpt_path.parent / HASH_RECORD
     what = (
         f"checkpoint {ckpt_path} has no recorded hash ({record} "
         + ("has no entry for it" if record.is_file() else "does not exist")

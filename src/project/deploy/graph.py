@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from project.contract import ContractError, InputContract
+from project.soa.checkpoint import CheckpointError, read_checkpoint
 from project.soa.deployable import DeployableModel, build_model
-from project.utils import sha256_file
 from project.utils.importing import UntrustedTargetError, allowed_targets
 
 
@@ -31,10 +30,6 @@ class DeployGraph(nn.Module):
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         """The outputs, each ``(batch,)``."""
         return tuple(self.model.outputs(self.model(list(inputs))))
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be exported (missing, tampered, of another model)."""
 
 
 @dataclass
@@ -60,26 +55,8 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Loa
         since and raises ``CheckpointError``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    digest = sha256_file(path)
-    if expected_sha256 is not None and digest != expected_sha256:
-        raise CheckpointError(
-            f"checkpoint {path} has sha256 {digest}, but the run recorded {expected_sha256} when "
-            "it was saved: the file was modified or replaced. Export another checkpoint or retrain."
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"cannot load checkpoint {path} with weights_only=True: {err}"
-        ) from err
-    hparams = (ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None) or {}
-    if not isinstance(hparams.get("contract"), dict) or not isinstance(hparams.get("net"), dict):
-        raise CheckpointError(
-            f"checkpoint {path} has no contract/net hyperparameters: it was not written by "
-            "project.training.module.ClassifierModule"
-        )
+    ckpt, digest = read_checkpoint(path, expected_sha256)
+    hparams = ckpt["hyper_parameters"]
     try:
         contract = InputContract.from_dict(hparams["contract"])
         # The target is checked against the allowlist before anything is imported.

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from project.soa.checkpoint import HASH_RECORD
 from project.utils import atomic_path, atomic_write_text, sha256_file
 
 
@@ -48,8 +49,6 @@ class HashedCheckpointIO(TorchCheckpointIO):
     silently deployed.
     """
 
-    RECORD = "sha256.json"
-
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
@@ -65,7 +64,7 @@ class HashedCheckpointIO(TorchCheckpointIO):
         self._update(Path(path).parent, {})
 
     def _update(self, directory: Path, new: dict[str, str]) -> None:
-        record = directory / self.RECORD
+        record = directory / HASH_RECORD
         hashes = json.loads(record.read_text()) if record.is_file() else {}
         hashes = {k: v for k, v in hashes.items() if (directory / k).is_file()} | new
         atomic_write_text(record, json.dumps(hashes, indent=2, sort_keys=True) + "\n")

@@ -19,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from project.contract import ContractError, InputContract
 from project.data.sample import DEFAULT_SAMPLE_ROWS, SAMPLE_FILE, write_sample
+from project.soa.checkpoint import CheckpointError, read_checkpoint, recorded_sha256
 from project.training.callbacks import EpochTimer, HashedCheckpointIO, RandomState
 from project.training.module import NonFiniteLossError
-from project.utils import atomic_write_text, profiling, sha256_file
+from project.utils import atomic_write_text, profiling
 from project.utils.importing import UntrustedTargetError, allowed_targets, check_target
 
 LOCK_FILE = ".lock"
@@ -208,25 +209,11 @@ def check_resume(ckpt_path: str, cfg: DictConfig, contract: InputContract) -> No
     DataModule's fitted one). Raises ``RunError`` saying what differs.
     """
     path = Path(ckpt_path)
-    record = path.parent / "sha256.json"
-    recorded = json.loads(record.read_text()).get(path.name) if record.is_file() else None
-    if recorded is not None and sha256_file(path) != recorded:
-        raise RunError(
-            f"cannot resume from {path}: its sha256 differs from the one recorded in {record} "
-            "when it was saved (the file was modified or replaced)"
-        )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RunError(
-            f"cannot load {path} with weights_only=True to resume from it: {err}"
-        ) from err
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or not isinstance(hparams.get("net"), dict):
-        raise RunError(
-            f"cannot resume from {path}: it has no model hyperparameters (net, contract), so it "
-            "was not written by a training run of this project"
-        )
+        checkpoint, _ = read_checkpoint(path, recorded_sha256(path))
+    except CheckpointError as err:
+        raise RunError(f"cannot resume from {path}: {err}") from err
+    hparams = checkpoint["hyper_parameters"]
     allowed = allowed_targets()
     for key in ("net", "optimizer", "scheduler"):
         part = hparams.get(key)

@@ -51,7 +51,9 @@ class RootSource:
         self.paths = files
         self.tree = str(tree)
         if isinstance(step_size, int) and step_size < 1:
-            raise ContractError(f"step_size must be >= 1 entries or a size like '100 MB', got {step_size}")
+            raise ContractError(
+                f"step_size must be >= 1 entries or a size like '100 MB', got {step_size}"
+            )
         self.step_size = step_size
 
     def files(self) -> list[str]:
