@@ -1,8 +1,8 @@
 """Shared fixtures: the real Hydra configs, composed and shrunk for fast CPU runs.
 
 Tests reach everything here through fixtures (``repo_root``, ``fast_overrides``,
-``compose_train``, ``compose_export``, ``trained_run``, ``exported``); a test parametrised over
-every model config asks for ``each_model``.
+``compose_train``, ``compose_export``, ``trained_run``, ``exported``, ``tile_golden``); a test
+parametrised over every model config asks for ``each_model``.
 """
 
 from __future__ import annotations
@@ -223,3 +223,20 @@ def read_table():
     """``read_table(source, flat=..., jagged=..., label=..., ...)``: the source's table built
     through such a contract (see ``_read_table``)."""
     return _read_table
+
+
+def _tile_golden(golden: dict[str, Any], contract: Any, batch: int) -> dict[str, Any]:
+    """An export's golden rows repeated to ``batch`` rows, as contiguous SoA input columns."""
+    import numpy as np
+
+    from project.data.columnar import ColumnarData
+
+    table = ColumnarData.from_soa(golden, contract)
+    return table.take(np.arange(batch) % len(table)).to_soa(contract)
+
+
+@pytest.fixture(scope="session")
+def tile_golden():
+    """``tile_golden(golden, contract, batch) -> columns``: the golden inputs (a mapping of
+    input name to array, extra names ignored) repeated to ``batch`` rows."""
+    return _tile_golden

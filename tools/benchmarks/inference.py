@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from project.contract import InputContract
+from project.data.columnar import ColumnarData
 from project.inference.threads import ThreadPolicy, apply_torch_policy
 
 BATCH_SIZES = (1, 64, 1024, 4096, 16384)
@@ -58,21 +59,10 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 def tile_golden(
     golden: dict[str, np.ndarray], contract: InputContract, batch: int
 ) -> dict[str, np.ndarray]:
-    """The golden rows repeated to ``batch`` rows, as contiguous SoA columns."""
-    n = len(golden[contract.input_names[0]]) - (0 if contract.flat else 1)
-    rows = np.arange(batch) % n
-    cols = {name: np.ascontiguousarray(golden[name][rows]) for name in contract.flat_names}
-    for coll in contract.jagged:
-        offsets = golden[coll.offsets_name]
-        counts = np.diff(offsets)[rows]
-        new = np.zeros(batch + 1, dtype=np.int64)
-        np.cumsum(counts, out=new[1:])
-        # Object j of new row i comes from old object offsets[rows[i]] + (j - new[i]).
-        objects = np.repeat(offsets[rows] - new[:-1], counts) + np.arange(new[-1])
-        cols[coll.offsets_name] = new
-        for name in coll.field_input_names:
-            cols[name] = np.ascontiguousarray(golden[name][objects])
-    return cols
+    """The golden rows repeated to ``batch`` rows, as contiguous SoA columns (gathered by the
+    data layer's ``ColumnarData.take``)."""
+    table = ColumnarData.from_soa(golden, contract)
+    return table.take(np.arange(batch) % len(table)).to_soa(contract)
 
 
 def measure(

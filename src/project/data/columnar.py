@@ -157,6 +157,20 @@ class ColumnarData:
             dropped=sum(p.dropped for p in parts),
         )
 
+    @classmethod
+    def from_soa(cls, columns: dict[str, np.ndarray], contract: InputContract) -> ColumnarData:
+        """The table of the deployed graph's inputs ``columns`` (as ``to_soa`` gives them, e.g.
+        an export's golden rows), the inverse of ``to_soa``; other columns are left out. The
+        arrays are taken as they are (``validate`` checks them)."""
+        jagged = {
+            coll.name: Jagged(
+                columns[coll.offsets_name],
+                {f.name: columns[coll.field_input_name(f.name)] for f in coll.fields},
+            )
+            for coll in contract.jagged
+        }
+        return cls(flat={name: columns[name] for name in contract.flat_names}, jagged=jagged)
+
     def to_soa(self, contract: InputContract) -> dict[str, np.ndarray]:
         """The deployed graph's inputs by name (see ``InputContract.input_names``)."""
         out = {name: self.flat[name] for name in contract.flat_names}
