@@ -1,5 +1,5 @@
 """The standalone runtime on real exports: every backend and model against the golden file,
-every input form, chunking, empty inputs, the default backend choice, the CLI and benchmark."""
+every input form, chunking, empty inputs, the default backend choice and the CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tools.benchmarks.inference import tile_golden
 
 from project.inference import FORMATS, PREFERENCE, ParityFailedError, load
 from project.inference.threads import ThreadPolicy, apply_torch_policy
@@ -56,7 +55,7 @@ def mlp_models(exported) -> dict[str, object]:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("model_name", MODELS)
-def test_backend_reproduces_golden(exported, model_name: str, fmt: str) -> None:
+def test_backend_reproduces_golden(exported, model_name: str, fmt: str, tile_golden) -> None:
     export_dir = exported(model_name)
     model = load(export_dir, fmt)
     assert model.backend == fmt
@@ -171,7 +170,7 @@ def test_sliced_arrow_table(exported, mlp_models) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_chunks_equal_one_big_call(exported, mlp_models, fmt: str) -> None:
+def test_chunks_equal_one_big_call(exported, mlp_models, fmt: str, tile_golden) -> None:
     whole = mlp_models[fmt]
     chunked = load(exported("mlp"), fmt, max_batch=7, verify_golden=False)
     calls: list[int] = []
@@ -186,7 +185,7 @@ def test_chunks_equal_one_big_call(exported, mlp_models, fmt: str) -> None:
         np.testing.assert_allclose(got[name], expected[name], atol=1e-6, rtol=1e-6)
 
 
-def test_chunks_of_a_jagged_model(exported) -> None:
+def test_chunks_of_a_jagged_model(exported, tile_golden) -> None:
     whole = load(exported("deepsets"), "onnx")
     chunked = load(exported("deepsets"), "onnx", max_batch=7, verify_golden=False)
     cols = tile_golden(golden(exported("deepsets")), whole.contract, 100)
@@ -213,7 +212,7 @@ def test_empty_input_gives_empty_outputs(mlp_models, fmt: str) -> None:
         assert all(v.dtype == np.float32 and v.shape == (0,) for v in got.values())
 
 
-def test_out_buffers_and_reused_outputs(exported, mlp_models) -> None:
+def test_out_buffers_and_reused_outputs(exported, mlp_models, tile_golden) -> None:
     gold = golden(exported("mlp"))
     n = len(gold["prob_top"])
     for fmt, model in mlp_models.items():
@@ -313,75 +312,3 @@ def test_cli_real_root_file_without_the_columns(exported, tmp_path: Path) -> Non
     assert "lacks 'jet_pt'" in result.stderr
     assert "Jet_pt" in result.stderr
     assert not (tmp_path / "x.parquet").exists()
-
-
-def test_benchmark_runs(exported) -> None:
-    from tools.benchmarks.inference import added, format_report, run
-
-    result = run(exported("deepsets"), ["onnx", "aoti"], [1, 3], budget=0.01)
-    row = result["rows"][0]
-    assert {"raw", "full", "no_scan", "soa", "soa_warm", "added", "added_no_scan"} <= set(row)
-    # What a call adds is paired by repetition: a slow spell shared by both calls cancels.
-    times = {"raw": [1.0, 5.0, 1.0], "full": [1.5, 5.5, 1.25]}
-    assert added(times, "full") == 0.5
-    assert result["flops"][1] > 0
-    report = format_report(result)
-    for text in ("onnx", "aoti", "eager", "SoA us warm", "GFLOP/s"):
-        assert text in report
-    assert "in chunks" not in report  # no batch above max_batch
-    result["rows"][-1]["batch"] = result["max_batch"] + 1
-    assert f"runs in chunks of {result['max_batch']}" in format_report(result)
-
-
-def test_benchmark_measures_the_backends_that_can_run(exported, tmp_path: Path) -> None:
-    """Without --backends: the export's artifacts that ``load`` would accept here, the others
-    named with the reason (an export without TorchScript, say)."""
-    from tools.benchmarks.inference import usable_backends
-
-    assert usable_backends(exported("mlp")) == (list(FORMATS), [])
-    copy = tmp_path / "export"
-    shutil.copytree(exported("mlp"), copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["format"] != "torchscript"]
-    for art in manifest["artifacts"]:
-        art["passed"] = art["format"] != "onnx"
-    manifest["provenance"]["torch"] = "0.0.0"  # the AOTInductor package: another torch build
-    write_manifest(copy, manifest)
-    usable, passed_over = usable_backends(copy)
-    assert usable == []
-    assert passed_over == [
-        "torchscript: no cpu artifact in the export",
-        f"aoti: cannot run {copy / 'model.pt2'} here: compiled with torch 0.0.0, this is torch "
-        f"{torch.__version__}",
-        "onnx: failed its parity check at export. Fix the export (see the manifest's parity "
-        "table).",
-    ]
-
-
-def test_benchmark_verdicts() -> None:
-    """A full call measured faster than raw by more than the target is noise, not a pass."""
-    from tools.benchmarks.inference import format_report, verdict
-
-    assert verdict(0.19, 1) == "met"
-    assert verdict(0.21, 1) == "MISSED"
-    assert verdict(-0.02, 4096) == "met"
-    assert verdict(-0.031, 4096) == "unclear"
-
-    def row(full: float, added: float) -> dict:
-        us = 1e-6
-        return {"backend": "aoti", "batch": 4096, "raw": 100 * us, "full": full * us,
-                "added": added * us, "no_scan": 100 * us, "added_no_scan": 0.0,
-                "soa": 1 * us, "soa_warm": 1 * us}  # fmt: skip
-
-    def report(*rows: dict) -> str:
-        return format_report({"name": "m", "clock": "cpu", "rows": list(rows), "eager": {},
-                              "flops": {}, "skipped": []})  # fmt: skip
-
-    # The less favourable of the two estimates is judged: 102 us by medians, +4 us paired.
-    missed = report(row(102, 4))
-    assert " MISSED " in missed
-    assert "unclear" not in missed
-    noisy = report(row(76, -24), row(102, 2))
-    assert "-24.0% unclear" in noisy
-    assert "+2.0%     met" in noisy
-    assert "rerun with --clock cpu" in noisy.splitlines()[-1]

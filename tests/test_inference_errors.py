@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tools.benchmarks.inference import tile_golden
 
 from project.inference import (
     ArtifactError,
@@ -208,7 +207,7 @@ def test_with_nan_policy_shares_the_backend_not_the_policy(model, cols) -> None:
         model.with_nan_policy("skip")
 
 
-def test_nan_check_at_large_batches_and_float64_overflow(model, cols) -> None:
+def test_nan_check_at_large_batches_and_float64_overflow(model, cols, tile_golden) -> None:
     big = tile_golden(cols, model.contract, 3000)
     big["part_erel"][-1] = np.nan
     with pytest.raises(InputError, match="'part_erel': 1 NaN"):
@@ -252,7 +251,7 @@ def test_nan_and_inf_in_one_row_of_flat_columns() -> None:
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 @pytest.mark.parametrize("n_rows", [900, 5000])
-def test_nan_found_in_every_column_at_any_position(model, cols, n_rows) -> None:
+def test_nan_found_in_every_column_at_any_position(model, cols, n_rows, tile_golden) -> None:
     """A NaN in any column, at its first, middle or last value, is found; the largest finite
     float32 in every value of a long column, of both signs, is neither refused nor warned
     about."""

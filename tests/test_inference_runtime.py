@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tools.benchmarks.inference import tile_golden
 
 from project.inference import FORMATS, InputError, ThreadPolicyError, load
 from project.inference.threads import ThreadPolicy, apply_torch_policy
@@ -88,7 +87,7 @@ def _spy_pointers(model) -> list[int]:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_zero_copy_for_contiguous_columns(exported, gold, fmt: str) -> None:
+def test_zero_copy_for_contiguous_columns(exported, gold, fmt: str, tile_golden) -> None:
     import pyarrow as pa
 
     model = load(exported("deepsets"), fmt, verify_golden=False)
@@ -131,7 +130,7 @@ def _view(cols: dict[str, np.ndarray], contract, before: int, after: int) -> dic
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_offsets_views_equal_the_rows_cut_out(models, gold, fmt: str) -> None:
+def test_offsets_views_equal_the_rows_cut_out(models, gold, fmt: str, tile_golden) -> None:
     """Offsets starting at ``k > 0`` that index longer field arrays (a framework's
     sub-range) give the answer of the same rows cut out, for every backend, in one call and
     in chunks of ``max_batch``; the fields are handed over without a copy."""
@@ -159,7 +158,7 @@ def test_offsets_views_equal_the_rows_cut_out(models, gold, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_inconsistent_offsets_stay_errors(models, gold, fmt: str) -> None:
+def test_inconsistent_offsets_stay_errors(models, gold, fmt: str, tile_golden) -> None:
     model = models[fmt]
     view = _view(tile_golden(gold, model.contract, 20), model.contract, 4, 3)
     offsets = view["part_offsets"]
@@ -173,7 +172,7 @@ def test_inconsistent_offsets_stay_errors(models, gold, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_conversion_buffers_are_reused(models, gold, fmt: str) -> None:
+def test_conversion_buffers_are_reused(models, gold, fmt: str, tile_golden) -> None:
     model = models[fmt]
 
     def converted(n_rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -215,7 +214,9 @@ def test_conversion_buffers_are_reused(models, gold, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_columns_refilled_in_place_give_their_new_values(models, gold, fmt: str) -> None:
+def test_columns_refilled_in_place_give_their_new_values(
+    models, gold, fmt: str, tile_golden
+) -> None:
     """A host that refills the same buffers every call gets the new values' outputs, for
     zero-copy float32 columns and for converted float64 ones alike."""
     model = models[fmt]
@@ -235,7 +236,7 @@ def test_columns_refilled_in_place_give_their_new_values(models, gold, fmt: str)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_same_columns_again_are_checked_again(models, gold, fmt: str) -> None:
+def test_same_columns_again_are_checked_again(models, gold, fmt: str, tile_golden) -> None:
     """The very arrays of the last call again: values refilled in place are read and
     screened, offsets re-checked, and an array given another dtype, shape or strides in place
     is taken as it now is."""
@@ -298,7 +299,7 @@ def test_same_columns_again_are_checked_again(models, gold, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_strides_set_in_place_are_seen(models, gold, fmt: str) -> None:
+def test_strides_set_in_place_are_seen(models, gold, fmt: str, tile_golden) -> None:
     """A column of the last call made strided in place (every second value of its buffer)
     is read as it now is, by the backend and by the NaN check alike."""
     model = models[fmt]
@@ -336,7 +337,9 @@ def _set_in_place(arr: np.ndarray, attr: str, value: object) -> bool:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_counts_refilled_in_place_give_their_new_offsets(models, gold, fmt: str) -> None:
+def test_counts_refilled_in_place_give_their_new_offsets(
+    models, gold, fmt: str, tile_golden
+) -> None:
     """Counts refilled in place are turned into offsets again."""
     model = models[fmt]
     cols = tile_golden(gold, model.contract, 30)
@@ -402,7 +405,7 @@ def test_thread_counts_inside_a_call_are_one(models, gold, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_eight_threads_share_one_model(models, gold, fmt: str) -> None:
+def test_eight_threads_share_one_model(models, gold, fmt: str, tile_golden) -> None:
     model = models[fmt]
     batches = [tile_golden(gold, model.contract, n) for n in (1, 5, 33, 77, 130, 2, 64, 9)]
     expected = [model(b)["prob_top"].copy() for b in batches]

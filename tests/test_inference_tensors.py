@@ -1,18 +1,14 @@
 """The runtime's tensor path on the CPU (the path every CUDA call takes): torch tensor and DLPack
 columns taken without a copy, tensors out, the host-side checks and the value checks with the
-host's messages, views, chunks and counts; the device argument; the benchmark's report."""
+host's messages, views, chunks and counts; the device argument."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tools.benchmarks.inference import tile_golden
 
 from project.inference import FORMATS, InputError, load
 from project.inference.tensors import TensorPlan
@@ -61,7 +57,7 @@ def _spy(model) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_tensor_columns_without_a_copy_give_tensors(exported, gold, fmt: str) -> None:
+def test_tensor_columns_without_a_copy_give_tensors(exported, gold, fmt: str, tile_golden) -> None:
     """Tensor columns go to the backend as they are (the offsets, clamped into the fields'
     range, are the one copy), and the outputs are tensors equal to the numpy call's."""
     model = load(exported("deepsets"), fmt, verify_golden=False)
@@ -81,7 +77,7 @@ def test_tensor_columns_without_a_copy_give_tensors(exported, gold, fmt: str) ->
         np.testing.assert_array_equal(got[name].numpy(), numpy_out[name])
 
 
-def test_dlpack_columns_from_host_arrays(models, gold) -> None:
+def test_dlpack_columns_from_host_arrays(models, gold, tile_golden) -> None:
     """Numpy arrays (DLPack producers) beside a tensor column are taken through DLPack, in
     place; an object that only speaks DLPack is taken too."""
 
@@ -112,7 +108,7 @@ def test_dlpack_columns_from_host_arrays(models, gold) -> None:
         np.testing.assert_array_equal(got[name].numpy(), value)
 
 
-def test_views_chunks_counts_and_empty_batches(models, gold) -> None:
+def test_views_chunks_counts_and_empty_batches(models, gold, tile_golden) -> None:
     model = models["torchscript"]
     coll = model.contract.jagged[0]
     cols = _tensors(tile_golden(gold, model.contract, 30))
@@ -133,7 +129,7 @@ def test_views_chunks_counts_and_empty_batches(models, gold) -> None:
     assert all(v.shape == (0,) and isinstance(v, torch.Tensor) for v in empty.values())
 
 
-def test_host_side_checks_name_the_column(models, gold) -> None:
+def test_host_side_checks_name_the_column(models, gold, tile_golden) -> None:
     model = models["onnx"]
     coll = model.contract.jagged[0]
     cols = _tensors(tile_golden(gold, model.contract, 12))
@@ -166,7 +162,7 @@ def test_host_side_checks_name_the_column(models, gold) -> None:
         model(cols, out={})
 
 
-def test_value_checks_raise_before_the_backend_runs(exported, gold) -> None:
+def test_value_checks_raise_before_the_backend_runs(exported, gold, tile_golden) -> None:
     """On the CPU the device verdict is read at once: the call raises with the host's message
     (naming the column and row) and the backend never sees the inputs."""
     model = load(exported("deepsets"), "torchscript", verify_golden=False)
@@ -236,83 +232,3 @@ def test_device_argument(exported) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device is usable here"):
             load(exported("mlp"), device="cuda")
-
-
-def test_benchmark_report_and_json(exported, tmp_path: Path, capsys) -> None:
-    """``scripts/benchmark.py inference --json``: the table, the report (machine, parameters,
-    FLOPs, memory, latency statistics) and the same figures as JSON."""
-    from tools.benchmarks.inference import add_arguments, main
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    path = tmp_path / "out" / "bench.json"
-    args = parser.parse_args(
-        [str(exported("mlp")), "--backends", "onnx", "--batch-sizes", "1,3", "--budget", "0.01",
-         "--json", str(path)]
-    )  # fmt: skip
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    result = json.loads(path.read_text())
-    assert {"machine", "parameters", "flops", "memory", "rows", "device"} <= set(result)
-    assert result["device"] == "cpu"
-    assert result["machine"]["cores"] >= 1
-    assert result["machine"]["cpu"]
-    assert result["parameters"] > 0
-    assert result["memory"]["1"]["peak_rss"] > 0
-    row = result["rows"][0]
-    for kind in ("raw", "full"):
-        st = row["stats"][kind]
-        assert st["min"] <= st["p50"] <= st["p90"] <= st["p99"]
-        assert st["calls"] >= 3
-        assert st["std"] >= 0
-    for text in ("machine:", "parameters", "FLOP/row", "p99 us", "peak RSS MB", "written:"):
-        assert text in printed
-    assert not list(path.parent.glob(".*tmp"))
-
-
-def test_cuda_verdicts_and_table() -> None:
-    """The CUDA target: the full call may add 10 us, or 5% of raw, whichever is larger."""
-    from tools.benchmarks.inference import cuda_verdict, format_cuda_report
-
-    us = 1e-6
-
-    def row(batch: int, raw: float, full: float, added: float) -> dict:
-        return {"backend": "torchscript", "batch": batch, "raw": raw * us, "full": full * us,
-                "added": added * us, "no_scan": raw * us, "added_no_scan": 0.0,
-                "validate": 2 * raw * us}  # fmt: skip
-
-    assert cuda_verdict(row(1, 100, 109, 9))[1] == "met"
-    assert cuda_verdict(row(1, 100, 111, 11))[1] == "MISSED"
-    assert cuda_verdict(row(16384, 1000, 1049, 49))[1] == "met"  # 5% of 1 ms: 50 us
-    assert cuda_verdict(row(16384, 1000, 1060, 40))[1] == "MISSED"  # the less favourable
-    assert cuda_verdict(row(1024, 1000, 900, -100))[1] == "unclear"
-    table = format_cuda_report(
-        {
-            "name": "m",
-            "device": "cuda:0",
-            "rows": [row(1, 100, 111, 11)],
-            "eager": {1: 90 * us},
-            "machine": {"torch": "x", "gpu": {"name": "GPU"}},
-        }
-    )
-    assert "m on GPU (cuda:0)" in table
-    assert "+11.0  +11.0%  MISSED" in table
-
-
-def test_device_benchmark_on_host_tensors(exported) -> None:
-    """The ``--device cuda`` measurements, run on host tensors: every call kind per backend
-    and batch, its statistics, and the CUDA table and report made from them."""
-    from tools.benchmarks.inference import format_cuda_report, format_stats, run_device
-
-    result = run_device(exported("deepsets"), ["torchscript", "onnx"], [1, 5], 0.01, "cpu")
-    assert [(r["backend"], r["batch"]) for r in result["rows"]] == [
-        ("torchscript", 1), ("onnx", 1), ("torchscript", 5), ("onnx", 5)
-    ]  # fmt: skip
-    for row in result["rows"]:
-        assert set(row["stats"]) == {"raw", "full", "no_scan", "validate"}
-        assert {"added", "added_no_scan"} <= set(row)
-    assert "cuda_max_allocated" not in result["memory"][1]
-    assert result["flops"][5] == 5 * result["flops"][1]
-    table = format_cuda_report(result)
-    assert table.count("\nonnx ") == 2
-    assert "validate" in format_stats(result)
