@@ -7,10 +7,20 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
 
+#ifdef SOA_WITH_CUDA
+// c10's CUDA headers, not ATen/cuda/CUDAContext.h: that one also includes the cuBLAS, cuSPARSE
+// and cuSOLVER headers, which a CUDA toolkit need not have; at::cuda::getStreamFromExternal is
+// this c10::cuda function, re-exported.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -46,6 +56,14 @@ Format parse_format(const std::string& name) {
 
 std::string format_name(Format format) {
   return format == Format::TorchScript ? "torchscript" : "aoti";
+}
+
+bool built_with_cuda() {
+#ifdef SOA_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
 }
 
 void apply_single_thread_policy() {
@@ -93,10 +111,28 @@ struct Model::Impl {
   std::vector<InputSpec> inputs;
   std::vector<std::string> outputs;
   Tolerance tolerance;
+  at::Device device{at::kCPU};
+  // Options of the wrapped columns: on the CPU the dtype alone, as before CUDA existed here.
+  at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+  at::TensorOptions i64 = at::TensorOptions().dtype(at::kLong);
   // forward() is not const in the API, but inference does not mutate the module.
   mutable torch::jit::Module module;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
+
+  // The graph on ready inputs; `stream` is the CUDA stream handed to AOTInductor (nullptr on the
+  // CPU; TorchScript runs on the current stream, which the CUDA callers set).
+  std::vector<at::Tensor> graph(const std::vector<at::Tensor>& inputs, void* stream) const;
+  // Refuses a CPU method on a CUDA model and the other way round.
+  void require(Device wanted, const char* method) const;
 };
+
+void Model::Impl::require(Device wanted, const char* method) const {
+  if (device.is_cuda() == (wanted == Device::CUDA)) return;
+  throw std::logic_error(std::string("soa::Model::") + method + " is for a model on " +
+                         (wanted == Device::CUDA ? "CUDA" : "the CPU") + "; " + name + " runs on " +
+                         device.str() +
+                         (device.is_cuda() ? ": use enqueue(view, stream)" : ": use run(view)"));
+}
 
 namespace {
 
@@ -141,9 +177,8 @@ std::vector<InputSpec> read_inputs(const json& manifest) {
 // need autograd metadata (run() is under InferenceMode), and making it costs a heap
 // allocation per column per call.
 template <typename T>
-at::Tensor wrap(std::span<const T> s, at::ScalarType dtype) {
-  return at::from_blob(const_cast<T*>(s.data()), {static_cast<int64_t>(s.size())},
-                       at::TensorOptions().dtype(dtype));
+at::Tensor wrap(std::span<const T> s, const at::TensorOptions& options) {
+  return at::from_blob(const_cast<T*>(s.data()), {static_cast<int64_t>(s.size())}, options);
 }
 
 // Offsets index the field arrays from any k >= 0 and never decrease (the graph gathers with
@@ -160,25 +195,97 @@ void check_offsets(const std::string& collection, std::span<const int64_t> offse
                                   "); they must be non-decreasing");
 }
 
+// The view's buffers for one graph input, looked up by the contract's names.
+std::span<const float> column(const SoAView& view, const InputSpec& in) {
+  auto it = view.columns.find(in.column);
+  if (it == view.columns.end())
+    throw std::invalid_argument("SoAView has no column '" + in.column + "'");
+  return it->second;
+}
+
+const Collection& collection(const SoAView& view, const InputSpec& in) {
+  auto it = view.collections.find(in.column);
+  if (it == view.collections.end())
+    throw std::invalid_argument("SoAView has no collection '" + in.column + "'");
+  return it->second;
+}
+
+std::span<const float> field(const Collection& coll, const InputSpec& in) {
+  auto f = coll.fields.find(in.field);
+  if (f == coll.fields.end())
+    throw std::invalid_argument("collection '" + in.column + "' has no field '" + in.field + "'");
+  return f->second;
+}
+
+#ifdef SOA_WITH_CUDA
+// GPU `index` if the CUDA runtime sees it; the runtime's reason otherwise (no driver, no device,
+// CUDA_VISIBLE_DEVICES empty).
+at::Device usable_gpu(int index) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the process may go on on the CPU
+    throw std::runtime_error("device cuda:" + std::to_string(index) +
+                             ": no CUDA device is usable here (cudaGetDeviceCount: " +
+                             cudaGetErrorString(err) + ")");
+  }
+  if (index < 0 || index >= count)
+    throw std::runtime_error("device cuda:" + std::to_string(index) + ": this machine has " +
+                             std::to_string(count) + " CUDA device(s)");
+  return {at::kCUDA, static_cast<c10::DeviceIndex>(index)};
+}
+
+// A device buffer as a 1-D tensor without a copy. at::from_blob with the device's index asks
+// the CUDA runtime where the pointer lives and refuses host memory or another GPU's; that
+// message is passed on with the column's name. An empty span has no allocation to ask about
+// (its pointer may be one past the end of one, or null), so it is placed on the device as given.
+template <typename T>
+at::Tensor wrap_device(std::span<const T> s, const at::TensorOptions& options,
+                       const std::string& name) {
+  auto* data = const_cast<T*>(s.data());
+  if (s.empty())
+    return at::for_blob(data, {0}).options(options).target_device(options.device()).make_tensor();
+  try {
+    return at::from_blob(data, {static_cast<int64_t>(s.size())}, options);
+  } catch (const c10::Error& e) {
+    throw std::invalid_argument("column '" + name + "' is not device memory of " +
+                                options.device().str() + ": " + e.what_without_backtrace());
+  }
+}
+#endif
+
 }  // namespace
 
-Model::Model(const std::filesystem::path& export_dir, Format format, int concurrency)
+Model::Model(const std::filesystem::path& export_dir, Format format, int concurrency,
+             Device device, int device_index)
     : impl_(std::make_unique<Impl>()) {
   apply_single_thread_policy();
+  if (device == Device::CUDA) {
+#ifdef SOA_WITH_CUDA
+    impl_->device = usable_gpu(device_index);
+    impl_->f32 = impl_->f32.device(impl_->device);
+    impl_->i64 = impl_->i64.device(impl_->device);
+#else
+    throw std::runtime_error(
+        "device cuda: this soa_model was built without CUDA; configure it with "
+        "-DSOA_WITH_CUDA=ON where a CUDA toolkit is installed (cpp/README.md)");
+#endif
+  }
   const json manifest = read_json(export_dir / "manifest.json");
   impl_->name = manifest.at("name");
   impl_->format = format;
   impl_->inputs = read_inputs(manifest);
   for (const auto& o : manifest.at("outputs")) impl_->outputs.push_back(o.at("name"));
 
-  // CPU only: a CUDA artifact would also need its inputs copied to the GPU first.
-  const std::string fmt = format_name(format), device = "cpu";
+  const std::string fmt = format_name(format), where = device == Device::CUDA ? "cuda" : "cpu";
   const json* entry = nullptr;
   for (const auto& a : manifest.at("artifacts"))
-    if (a.at("format") == fmt && a.at("device") == device) entry = &a;
+    if (a.at("format") == fmt && a.at("device") == where) entry = &a;
   if (!entry)
-    throw std::runtime_error("export " + export_dir.string() + " has no " + fmt +
-                             " artifact for " + device);
+    throw std::runtime_error(
+        "export " + export_dir.string() + " has no " + fmt + " artifact for " + where +
+        (device == Device::CUDA ? " (export with devices=[cpu,cuda] on a machine with a GPU)"
+                                : ""));
   if (!entry->value("passed", false))
     throw std::runtime_error(fmt + " artifact of " + impl_->name +
                              " failed the export's parity check; refusing to load it");
@@ -197,63 +304,63 @@ Model::Model(const std::filesystem::path& export_dir, Format format, int concurr
                              ": manifest has " + expected + ", file has " + actual);
 
   if (format == Format::TorchScript) {
-    impl_->module = torch::jit::load(impl_->artifact.string(), torch::kCPU);
+    impl_->module = torch::jit::load(impl_->artifact.string(), impl_->device);
     impl_->module.eval();
   } else {
     // Unzips the package to a temporary directory and dlopens its compiled .so; nothing is
     // compiled at load time. Each runner has its own activation buffers over shared weights.
+    // A CUDA package's runners are made for GPU device_index (-1, the default, on the CPU).
     impl_->package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         impl_->artifact.string(), "model", /*run_single_threaded=*/false,
-        static_cast<size_t>(std::max(concurrency, 1)));
+        static_cast<size_t>(std::max(concurrency, 1)),
+        impl_->device.is_cuda() ? impl_->device.index() : c10::DeviceIndex{-1});
   }
 }
 
 Model::~Model() = default;
 
 std::vector<at::Tensor> Model::inputs(const SoAView& view) const {
+  impl_->require(Device::CPU, "inputs(view)");
   const int64_t rows = view.rows();
   std::vector<at::Tensor> tensors;
   tensors.reserve(impl_->inputs.size());
   for (const auto& in : impl_->inputs) {
     if (in.field.empty() && !in.is_offsets) {
-      auto it = view.columns.find(in.column);
-      if (it == view.columns.end())
-        throw std::invalid_argument("SoAView has no column '" + in.column + "'");
-      tensors.push_back(wrap(it->second, at::kFloat));
+      tensors.push_back(wrap(column(view, in), impl_->f32));
       continue;
     }
-    auto it = view.collections.find(in.column);
-    if (it == view.collections.end())
-      throw std::invalid_argument("SoAView has no collection '" + in.column + "'");
-    const Collection& coll = it->second;
+    const Collection& coll = collection(view, in);
     if (in.is_offsets) {
       check_offsets(in.column, coll.offsets);
-      tensors.push_back(wrap(coll.offsets, at::kLong));
+      tensors.push_back(wrap(coll.offsets, impl_->i64));
       continue;
     }
-    auto f = coll.fields.find(in.field);
-    if (f == coll.fields.end())
-      throw std::invalid_argument("collection '" + in.column + "' has no field '" + in.field + "'");
+    const std::span<const float> values = field(coll, in);
     // A view may hand over the collection's whole field arrays: longer is fine, shorter is not.
-    if (static_cast<int64_t>(f->second.size()) < coll.offsets[rows])
-      throw std::invalid_argument("field '" + in.name + "' has " +
-                                  std::to_string(f->second.size()) +
+    if (static_cast<int64_t>(values.size()) < coll.offsets[rows])
+      throw std::invalid_argument("field '" + in.name + "' has " + std::to_string(values.size()) +
                                   " values, but the offsets of '" + in.column + "' end at " +
                                   std::to_string(coll.offsets[rows]));
-    tensors.push_back(wrap(f->second, at::kFloat));
+    tensors.push_back(wrap(values, impl_->f32));
   }
   return tensors;
 }
 
 std::vector<at::Tensor> Model::forward(const std::vector<at::Tensor>& inputs) const {
+  impl_->require(Device::CPU, "forward(inputs)");
+  return impl_->graph(inputs, nullptr);
+}
+
+std::vector<at::Tensor> Model::Impl::graph(const std::vector<at::Tensor>& inputs,
+                                           void* stream) const {
   // Thread-local: no autograd bookkeeping for this call, whichever thread makes it.
   c10::InferenceMode guard;
   std::vector<at::Tensor> outputs;
-  if (impl_->package) {
-    outputs = impl_->package->run(inputs);
+  if (package) {
+    outputs = package->run(inputs, stream);
   } else {
     std::vector<c10::IValue> args(inputs.begin(), inputs.end());
-    c10::IValue result = impl_->module.forward(std::move(args));
+    c10::IValue result = module.forward(std::move(args));
     if (result.isTensor()) {
       outputs.push_back(result.toTensor());
     } else {
@@ -262,9 +369,9 @@ std::vector<at::Tensor> Model::forward(const std::vector<at::Tensor>& inputs) co
         outputs.push_back(v.toTensor());
     }
   }
-  if (outputs.size() != impl_->outputs.size())
+  if (outputs.size() != this->outputs.size())
     throw std::runtime_error("model returned " + std::to_string(outputs.size()) +
-                             " outputs, manifest lists " + std::to_string(impl_->outputs.size()));
+                             " outputs, manifest lists " + std::to_string(this->outputs.size()));
   return outputs;
 }
 
@@ -275,11 +382,100 @@ std::map<std::string, at::Tensor> Model::run(const SoAView& view) const {
   return named;
 }
 
+#ifdef SOA_WITH_CUDA
+CudaCall Model::enqueue(const SoAView& view, CudaStream stream) const {
+  impl_->require(Device::CUDA, "enqueue(view, stream)");
+  view.rows();  // the columns' lengths agree; sizes only: the values are on the device
+  const c10::DeviceIndex index = impl_->device.index();
+  // The framework's stream becomes the current one: every kernel below, the graph's included,
+  // is enqueued on it, in order after the work that filled the view.
+  const c10::cuda::CUDAStreamGuard on_stream(c10::cuda::getStreamFromExternal(stream, index));
+  const c10::InferenceMode no_autograd;
+  CudaCall call;
+  call.stream = stream;
+  call.device_index = index;
+  call.inputs.reserve(impl_->inputs.size());
+  std::vector<at::Tensor> errors;
+  for (const auto& in : impl_->inputs) {
+    if (in.field.empty() && !in.is_offsets) {
+      call.inputs.push_back(wrap_device(column(view, in), impl_->f32, in.name));
+      continue;
+    }
+    const Collection& coll = collection(view, in);
+    if (!in.is_offsets) {
+      call.inputs.push_back(wrap_device(field(coll, in), impl_->f32, in.name));
+      continue;
+    }
+    // The offsets rule on the device, without waiting: the copy the graph reads is in
+    // [0, shortest field] and non-decreasing, equal to the given offsets where they are valid;
+    // how many entries differ is the verdict that check() reads.
+    int64_t shortest = std::numeric_limits<int64_t>::max();
+    for (const auto& other : impl_->inputs)
+      if (other.column == in.column && !other.field.empty())
+        shortest = std::min(shortest, static_cast<int64_t>(field(coll, other).size()));
+    const at::Tensor given = wrap_device(coll.offsets, impl_->i64, in.name);
+    const at::Tensor safe = std::get<0>(at::cummax(given.clamp(0, shortest), 0));
+    errors.push_back(at::ne(safe, given).sum());
+    call.collections.push_back(in.column);
+    call.inputs.push_back(safe);
+  }
+  if (!errors.empty()) call.offsets_errors = at::stack(errors);
+  const std::vector<at::Tensor> outputs = impl_->graph(call.inputs, stream);
+  for (size_t i = 0; i < outputs.size(); ++i) call.outputs.emplace(impl_->outputs[i], outputs[i]);
+  return call;
+}
+
+std::vector<at::Tensor> Model::forward(const std::vector<at::Tensor>& inputs,
+                                       CudaStream stream) const {
+  impl_->require(Device::CUDA, "forward(inputs, stream)");
+  const c10::cuda::CUDAStreamGuard on_stream(
+      c10::cuda::getStreamFromExternal(stream, impl_->device.index()));
+  return impl_->graph(inputs, stream);
+}
+
+void CudaCall::check() const {
+  const c10::cuda::CUDAStream on = c10::cuda::getStreamFromExternal(
+      stream, static_cast<c10::DeviceIndex>(device_index));
+  if (!offsets_errors.defined()) {
+    on.synchronize();
+    return;
+  }
+  const c10::cuda::CUDAStreamGuard on_stream(on);
+  // A copy into host memory waits for the stream: the outputs are ready once it returns.
+  const at::Tensor counts = offsets_errors.to(at::kCPU);
+  const int64_t* n = counts.data_ptr<int64_t>();
+  std::string problems;
+  for (size_t i = 0; i < collections.size(); ++i)
+    if (n[i] != 0)
+      problems += (problems.empty() ? "" : "; ") + std::string("offsets of '") + collections[i] +
+                  "': " + std::to_string(n[i]) +
+                  " entries break the offsets rule (they must be >= 0, non-decreasing and at "
+                  "most the length of the collection's fields)";
+  if (!problems.empty())
+    throw std::invalid_argument(problems + "; the outputs of this call are not meaningful");
+}
+#else
+// Built without CUDA: no Model runs on CUDA (the constructor refuses it), so these are misuse.
+CudaCall Model::enqueue(const SoAView&, CudaStream) const {
+  impl_->require(Device::CUDA, "enqueue(view, stream)");
+  throw std::logic_error("soa::Model::enqueue: built without CUDA");
+}
+
+std::vector<at::Tensor> Model::forward(const std::vector<at::Tensor>&, CudaStream) const {
+  impl_->require(Device::CUDA, "forward(inputs, stream)");
+  throw std::logic_error("soa::Model::forward(inputs, stream): built without CUDA");
+}
+
+void CudaCall::check() const { throw std::logic_error("soa::CudaCall::check: built without CUDA"); }
+#endif
+
 const std::vector<InputSpec>& Model::input_specs() const { return impl_->inputs; }
 const std::vector<std::string>& Model::output_names() const { return impl_->outputs; }
 Tolerance Model::tolerance() const { return impl_->tolerance; }
 const std::string& Model::name() const { return impl_->name; }
 const std::filesystem::path& Model::artifact() const { return impl_->artifact; }
 Format Model::format() const { return impl_->format; }
+Device Model::device() const { return impl_->device.is_cuda() ? Device::CUDA : Device::CPU; }
+int Model::device_index() const { return impl_->device.is_cuda() ? impl_->device.index() : 0; }
 
 }  // namespace soa

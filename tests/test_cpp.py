@@ -3,13 +3,16 @@
 The consumer is built once per source change into build/cpp (cpp/build.py; about a minute on
 two cores the first time, instant after). Each export's golden set is unpacked to raw arrays
 (cpp/unpack_golden.py) and replayed through TorchScript and AOTInductor, at batch 1 and at the
-full golden batch, and by four threads sharing each loaded model.
+full golden batch, and by four threads sharing each loaded model. Where a CUDA toolkit is
+installed, the CUDA variant (build/cpp-cuda) is built too and checked without a GPU; its GPU
+replay is tests/test_gpu.py's.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -43,14 +46,25 @@ def replay_bin() -> Path:
         pytest.skip(f"C++ consumer not buildable here: {err}")
 
 
+@pytest.fixture(scope="session")
+def replay_cuda_bin() -> Path:
+    """The replay program built with the CUDA path (``SOA_WITH_CUDA=ON``, build/cpp-cuda),
+    where a CUDA toolkit is installed and the torch wheel is a CUDA build."""
+    try:
+        return cpp_build.build(cuda=True)
+    except cpp_build.MissingDependencies as err:
+        pytest.skip(f"CUDA variant of the C++ consumer not buildable here: {err}")
+
+
 def _replay(
-    binary: Path, export_dir: Path, golden_dir: Path, *args: str
+    binary: Path, export_dir: Path, golden_dir: Path, *args: str, env: dict | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(binary), str(export_dir), str(golden_dir), "--min-time", "0.1", *args],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
 
 
@@ -202,3 +216,40 @@ def test_cpp_refuses_inconsistent_offsets(replayed, model: str) -> None:
         assert any("start at -" in ln and "must be >= 0" in ln for ln in refused), refused
         assert any("decrease at row" in ln for ln in refused), refused
         assert any("values, but the offsets of 'part' end at" in ln for ln in refused), refused
+
+
+def test_cpp_cpu_build_refuses_cuda(replay_bin, exported, tmp_path) -> None:
+    """The CPU-only build says that it has no CUDA path and how to build one, exit status 2."""
+    export_dir = exported("mlp")
+    golden = unpack_golden.unpack(export_dir, tmp_path / "golden")
+    run = _replay(replay_bin, export_dir, golden, "--device", "cuda")
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "built without CUDA" in run.stderr
+    assert "-DSOA_WITH_CUDA=ON" in run.stderr
+
+
+def test_cpp_cuda_build_runs_on_the_cpu_and_refuses_cuda_without_a_gpu(
+    replay_cuda_bin, exported, tmp_path
+) -> None:
+    """The CUDA variant replays the CPU artifacts as the CPU build does. With no GPU visible
+    (``CUDA_VISIBLE_DEVICES`` empty, so on a GPU machine too), ``--device cuda`` exits with
+    status 2 and the CUDA runtime's reason, before loading anything: not a crash."""
+    export_dir = exported("mlp")
+    golden = unpack_golden.unpack(export_dir, tmp_path / "golden")
+    n_inputs = len(json.loads((export_dir / "manifest.json").read_text())["inputs"])
+    on_cpu = _replay(replay_cuda_bin, export_dir, golden)
+    assert on_cpu.returncode == 0, on_cpu.stdout + on_cpu.stderr
+    for fmt in FORMATS:
+        assert f"[{fmt}] zero-copy: {n_inputs}/{n_inputs} inputs" in on_cpu.stdout
+    assert "RESULT PASS" in on_cpu.stdout
+
+    no_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    for device, named in (("cuda", "cuda:0"), ("cuda:1", "cuda:1")):
+        run = _replay(replay_cuda_bin, export_dir, golden, "--device", device, env=no_gpu)
+        assert run.returncode == 2, run.stdout + run.stderr
+        reason = f"error: device {named}: no CUDA device is usable here (cudaGetDeviceCount: "
+        assert reason in run.stderr, run.stderr
+        assert "loaded" not in run.stdout
+    bad = _replay(replay_cuda_bin, export_dir, golden, "--device", "gpu")
+    assert bad.returncode == 2
+    assert "usage: replay" in bad.stderr

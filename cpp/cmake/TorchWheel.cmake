@@ -10,7 +10,8 @@
 #   TORCH_DIR             the torch package directory; found with TORCH_PYTHON when empty:
 #                           python -c "import torch, os; print(os.path.dirname(torch.__file__))"
 #   TORCH_WHEEL_CXX11_ABI the wheel's C++ ABI (torch.compiled_with_cxx11_abi(); ON since 2.7)
-# Output: the target torch_wheel::torch and the variable TORCH_WHEEL_VERSION.
+# Output: the target torch_wheel::torch, the variable TORCH_WHEEL_VERSION, and for a CUDA wheel
+# the target torch_wheel::cuda with TORCH_WHEEL_CUDA set to ON (OFF otherwise).
 
 set(TORCH_DIR "" CACHE PATH "torch package directory (site-packages/torch)")
 set(TORCH_PYTHON "python3" CACHE STRING "Python used to locate torch when TORCH_DIR is empty")
@@ -69,4 +70,19 @@ if(NOT TARGET torch_wheel::torch)
   target_link_libraries(torch_wheel::torch INTERFACE
     torch_wheel::libtorch torch_wheel::libtorch_cpu torch_wheel::libc10)
   message(STATUS "TorchWheel: torch ${TORCH_WHEEL_VERSION} from ${TORCH_DIR}")
+endif()
+
+# A CUDA wheel's own libraries, for consumers that run on a GPU: c10_cuda (streams, guards) and
+# torch_cuda (the CUDA kernels and AOTInductor's CUDA runner). The CUDA runtime itself comes
+# from the toolkit (CUDA::cudart), as with find_package(Torch).
+set(TORCH_WHEEL_CUDA OFF)
+if(EXISTS "${TORCH_DIR}/lib/libc10_cuda.so" AND EXISTS "${TORCH_DIR}/lib/libtorch_cuda.so")
+  set(TORCH_WHEEL_CUDA ON)
+  if(NOT TARGET torch_wheel::cuda)
+    _torch_wheel_lib(c10_cuda)
+    _torch_wheel_lib(torch_cuda)
+    add_library(torch_wheel::cuda INTERFACE IMPORTED)
+    target_link_libraries(torch_wheel::cuda INTERFACE
+      torch_wheel::torch torch_wheel::libtorch_cuda torch_wheel::libc10_cuda)
+  endif()
 endif()
