@@ -345,3 +345,54 @@ def test_cuda_chunks_counts_and_views(cuda_export: Path) -> None:
             torch.testing.assert_close(got[name], whole[name][rows], rtol=1e-5, atol=1e-6)
     model.synchronize()
     chunked.synchronize()
+
+
+def test_cpp_replays_golden_set_on_cuda(cuda_export: Path, tmp_path: Path) -> None:
+    """The C++ consumer built with its CUDA path (``cpp/build.py --cuda``) replays the golden
+    set through each CUDA artifact from device buffers of its own, every call enqueued on a
+    stream of its own: all inputs but the offsets read in place, batch 1, the golden batch and
+    a sub-range view within the manifest's tolerance, bad offsets and host memory refused, four
+    threads on four streams identical to one. An artifact that failed parity is refused."""
+    import importlib.util
+    import re
+    import subprocess
+
+    def cpp_module(name: str):
+        spec = importlib.util.spec_from_file_location(f"cpp_{name}", ROOT / "cpp" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    replay = cpp_module("build").build(cuda=True)
+    golden = cpp_module("unpack_golden").unpack(cuda_export, tmp_path / "golden")
+    manifest = json.loads((cuda_export / "manifest.json").read_text())
+    n_inputs, n_offsets = len(manifest["inputs"]), len(manifest["contract"]["jagged"])
+    rows = manifest["golden"]["rows"]
+    for fmt in ("torchscript", "aoti"):
+        entry = next(
+            (a for a in manifest["artifacts"] if (a["format"], a["device"]) == (fmt, "cuda")), None
+        )
+        run = subprocess.run(
+            [str(replay), str(cuda_export), str(golden), "--device", "cuda", "--format", fmt,
+             "--threads", "4", "--min-time", "0.1"],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        out = run.stdout + run.stderr
+        if entry is None or not entry["passed"]:
+            assert run.returncode == 2, out
+            assert re.search(rf"failed the export's parity check|has no {fmt} artifact", out), out
+            continue
+        assert run.returncode == 0, out
+        assert (
+            f"[{fmt}] zero-copy: {n_inputs - n_offsets}/{n_inputs} inputs read the device "
+            "buffers in place (on cuda:0" in run.stdout
+        ), out
+        for batch in (1, rows):
+            assert re.search(rf"\[{fmt}\] batch={batch}\s+max\|diff\|=\S+ PASS", run.stdout), out
+        assert re.search(rf"\[{fmt}\] view rows=\d+\.\.\d+ offsets from [1-9]\d* \S+ PASS", out)
+        assert f"[{fmt}] inconsistent offsets refused: 3/3" in run.stdout, out
+        assert run.stdout.count("entries break the offsets rule") == 3, out
+        assert f"[{fmt}] host memory refused: column '" in run.stdout, out
+        threads = next(ln for ln in run.stdout.splitlines() if ln.startswith(f"[{fmt}] threads="))
+        assert threads.endswith("identical to one thread: yes"), threads
+        assert "RESULT PASS" in run.stdout, out
