@@ -7,12 +7,11 @@
 
 The export is checked before use (manifest hash and schema, artifact and golden sha256, no file
 outside the directory, parity). Inputs are SoA columns (a mapping, an Arrow table or batch, an
-awkward record array) matched by name, handed over without a copy where they have the
-contract's dtype; offsets may be a view of a larger collection (``OFFSETS_RULE``). One thread
-per call by default; a model may be shared by many threads. ``load(dir, device="cuda")`` runs
-the CUDA artifacts on device columns (torch, DLPack, ``__cuda_array_interface__``), outputs on
-the device, value checks without synchronising (``InferenceModel``). It imports nothing of the
-project but ``project.contract``. ``python -m project.inference`` is ``project.predict.cli``.
+awkward record array) matched by name, without a copy where they have the contract's dtype;
+offsets may be a view of a larger collection (``OFFSETS_RULE``). One thread per call by
+default; threads may share a model. ``load(dir, device="cuda")`` runs the CUDA artifacts on
+device columns (``InferenceModel``). It imports nothing of the project but ``project.contract``.
+``python -m project.inference`` is ``project.predict.cli``.
 """
 
 from project.inference.backends import FORMATS

@@ -36,13 +36,12 @@ class InferenceModel:
     record array; it returns ``{output name: (n_rows,) float32}``. Threads may share it: each
     has its own buffers (``threading.local``), and no lock is held around the backend.
 
-    On CUDA (and on the CPU when the columns are torch tensors) the columns are tensors, DLPack
-    arrays (CuPy) or ``__cuda_array_interface__`` arrays, taken without a copy and run on the
-    caller's current stream (or ``stream=``); the outputs are tensors on the device, or numpy
-    with ``to_host=True``. The checks that need values (NaN/Inf with ``nan_policy="raise"``, the
-    offsets rule) run on the device without synchronising: their verdict is read at a later call
-    of the same thread, which raises ``InputError`` for the earlier call before running, or by
-    ``synchronize()``; ``validate=True`` waits for it and names the column. See ``TensorPlan``.
+    On CUDA (and on the CPU for torch tensor columns) the columns are tensors, DLPack arrays
+    (CuPy) or ``__cuda_array_interface__`` arrays, taken without a copy on the caller's stream,
+    and the outputs are tensors on the device. The checks that need values (NaN/Inf with
+    ``nan_policy="raise"``, the offsets rule) run on the device without synchronising: a later
+    call of the same thread, or ``synchronize()``, raises ``InputError`` for a call that failed
+    them (see ``__call__`` and ``TensorPlan``).
 
     Attributes
     ----------
@@ -82,14 +81,18 @@ class InferenceModel:
         self.backend: str = artifact.format
         self.artifact: Path = export.path / artifact.file
         self.max_batch, self.selection, self.device = int(max_batch), selection, device
-        self.nan_policy, self.reuse_outputs = nan_policy, reuse_outputs
-        self._plan = InputPlan(self.contract, nan_policy)
-        self._tensors = TensorPlan(self.contract, device, nan_policy == "raise")
+        self.reuse_outputs = reuse_outputs
+        self._use_policy(nan_policy)
         contract = self.contract  # a column whose type says which path a call takes
         self._probe = (
             contract.flat[0].name if contract.flat else contract.jagged[0].field_input_names[0]
         )
-        self._local = threading.local()
+
+    def _use_policy(self, nan_policy: str) -> None:
+        """Plans for ``nan_policy`` and fresh per-thread state (buffers, pending checks)."""
+        self._plan = InputPlan(self.contract, nan_policy)
+        self._tensors = TensorPlan(self.contract, self.device, nan_policy == "raise")
+        self.nan_policy, self._local = nan_policy, threading.local()
 
     def __repr__(self) -> str:
         return (
@@ -100,9 +103,7 @@ class InferenceModel:
     def with_nan_policy(self, nan_policy: str) -> InferenceModel:
         """This model under another ``nan_policy``, sharing its loaded backend."""
         other = copy.copy(self)
-        other.nan_policy, other._plan = nan_policy, InputPlan(self.contract, nan_policy)
-        other._tensors = TensorPlan(self.contract, self.device, nan_policy == "raise")
-        other._local = threading.local()
+        other._use_policy(nan_policy)
         return other
 
     @property
@@ -130,21 +131,21 @@ class InferenceModel:
         Numpy columns on the CPU: written into ``out`` (``{name: float32 array of >= n_rows}``)
         if given, else new arrays, or with ``reuse_outputs=True`` this thread's buffers (until
         its next call). Tensor columns (always on CUDA): tensors on the device, run on
-        ``stream`` (a ``torch.cuda.Stream``, a ``cudaStream_t`` as an int, or an object with a
-        ``ptr`` such as a CuPy stream; default: the current stream), numpy with ``to_host``
-        (waits for the stream); ``validate=True`` waits for the value checks and raises in this
-        call, naming the column (it synchronises the stream)."""
-        if self.device.type == "cuda" or isinstance(
-            inputs.get(self._probe) if isinstance(inputs, Mapping) else None, torch.Tensor
-        ):
-            if out is not None or self.reuse_outputs:
-                raise InputError(
-                    "out= and reuse_outputs take numpy outputs of numpy inputs on the CPU; "
-                    "tensor columns give new tensors (copy them where they are needed)"
-                )
-            return self._call_tensors(inputs, stream, to_host, validate)
-        if stream is not None:
+        ``stream`` (a ``torch.cuda.Stream``, a ``cudaStream_t`` int, or an object with a ``ptr``
+        such as a CuPy stream; default: the current one), numpy with ``to_host``; with
+        ``validate=True`` this call waits for its value checks and raises naming the column."""
+        cuda = self.device.type == "cuda"
+        probe = inputs.get(self._probe) if isinstance(inputs, Mapping) else None
+        tensors = cuda or isinstance(probe, torch.Tensor)
+        if tensors and (out is not None or self.reuse_outputs):
+            raise InputError(
+                "out= and reuse_outputs take numpy outputs of numpy inputs on the CPU; "
+                "tensor columns give new tensors (copy them where they are needed)"
+            )
+        if stream is not None and not cuda:
             raise InputError(f"stream= is for CUDA models; this one runs on {self.device}")
+        if tensors:
+            return self._call_tensors(inputs, stream, to_host, validate)
         ws = self.workspace()
         arrays, n_rows = self._plan.prepare(to_columns(inputs, self.contract), ws)
         outs = None if out is None and not self.reuse_outputs else self._outputs(n_rows, out, ws)
@@ -174,8 +175,6 @@ class InferenceModel:
                 f"a model on {self.device} takes a mapping of column name to tensor or device "
                 f"array, not {type(inputs).__name__}"
             )
-        if stream is not None and self.device.type != "cuda":
-            raise InputError(f"stream= is for CUDA models; this one runs on {self.device}")
         if stream is not None and not isinstance(stream, torch.cuda.Stream):
             handle = stream if isinstance(stream, int) else getattr(stream, "ptr", None)
             if not isinstance(handle, int):

@@ -7,7 +7,8 @@ describe. Anything else is an ``InputError`` naming the column, never a wrong an
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -118,29 +119,9 @@ class InputPlan:
     def prepare(self, columns: Mapping[str, Any], ws: Workspace) -> tuple[list[np.ndarray], int]:
         """The graph's inputs in order, and the number of rows; ``InputError`` for a missing
         column, an unsafe dtype, inconsistent lengths, bad offsets or counts, or NaN/Inf."""
-        arrays: list[np.ndarray] = []
-        n_rows, first = -1, ""
-        try:
-            for feat in self.contract.flat:
-                arrays.append(arr := _feature(columns[feat.name], feat, feat.name, ws))
-                if n_rows >= 0 and len(arr) != n_rows:
-                    raise InputError(
-                        f"flat columns have different lengths: {first!r} has {n_rows} rows, "
-                        f"{feat.name!r} has {len(arr)}"
-                    )
-                n_rows, first = len(arr), first or feat.name
-            for coll in self.contract.jagged:
-                offsets, fields = _collection(columns, coll, ws)
-                if n_rows >= 0 and len(offsets) - 1 != n_rows:
-                    raise InputError(
-                        f"{coll.offsets_name!r} describes {len(offsets) - 1} rows (length "
-                        f"{len(offsets)}), but the input has {n_rows} rows: offsets need one "
-                        "entry per row plus one"
-                    )
-                n_rows = len(offsets) - 1
-                arrays += [offsets, *fields]
-        except KeyError as err:
-            raise missing_column(self.contract, str(err.args[0]), columns) from None
+        arrays, n_rows = match(
+            self.contract, columns, partial(_feature, ws=ws), partial(_collection, ws=ws)
+        )
         if self.nan_policy == "raise":
             for i in self.features:
                 # One value (a flat column at batch 1) as a Python float: 0.8 us for the 9
@@ -184,17 +165,46 @@ class InputPlan:
         )
 
 
-def missing_column(contract: InputContract, name: str, columns: Mapping[str, Any]) -> InputError:
-    """The error for input column ``name`` missing from ``columns``, naming what is expected."""
-    wanted = list(contract.flat_names)
-    for coll in contract.jagged:
-        wanted += [f"{coll.offsets_name} (or {coll.counts_name})", *coll.field_input_names]
-    found = getattr(columns, "available", None) or sorted(map(str, columns.keys()))
-    shown = ", ".join(found[:30]) + (f", ... ({len(found)} in all)" if len(found) > 30 else "")
-    return InputError(
-        f"the input has no column {name!r}. The model expects (by name, in any order; extra "
-        f"columns are ignored): {', '.join(wanted)}. The input has: {shown or 'no columns'}"
-    )
+def match(
+    contract: InputContract,
+    columns: Mapping[str, Any],
+    feature: Callable[[Any, Feature, str], Any],
+    collection: Callable[[Mapping[str, Any], JaggedCollection, Any, Any, int], list],
+) -> tuple[list, int]:
+    """The graph's inputs found in ``columns`` by name, in order, and the number of rows (both
+    input paths): ``feature(value, feat, name)`` takes a flat column; ``collection(columns,
+    coll, offsets, counts, n_rows)`` a collection from its offsets and counts columns (one may
+    be ``None``) and the rows so far (-1: none yet), returning its inputs, offsets first."""
+    inputs: list = []
+    n_rows, first = -1, ""
+    try:
+        for feat in contract.flat:
+            inputs.append(arr := feature(columns[feat.name], feat, feat.name))
+            if n_rows >= 0 and len(arr) != n_rows:
+                raise InputError(
+                    f"flat columns have different lengths: {first!r} has {n_rows} rows, "
+                    f"{feat.name!r} has {len(arr)}"
+                )
+            n_rows, first = len(arr), first or feat.name
+        for coll in contract.jagged:
+            offsets, counts = columns.get(coll.offsets_name), columns.get(coll.counts_name)
+            if offsets is None and counts is None:  # with no field either, it is what is missing
+                field = coll.field_input_names[0]
+                raise KeyError(coll.offsets_name if field in columns else field)
+            inputs += (got := collection(columns, coll, offsets, counts, n_rows))
+            n_rows = len(got[0]) - 1
+    except KeyError as err:  # a missing column: name what is expected
+        wanted = list(contract.flat_names)
+        for coll in contract.jagged:
+            wanted += [f"{coll.offsets_name} (or {coll.counts_name})", *coll.field_input_names]
+        found = getattr(columns, "available", None) or sorted(map(str, columns.keys()))
+        shown = ", ".join(found[:30]) + (f", ... ({len(found)} in all)" if len(found) > 30 else "")
+        raise InputError(
+            f"the input has no column {str(err.args[0])!r}. The model expects (by name, in any "
+            f"order; extra columns are ignored): {', '.join(wanted)}. The input has: "
+            f"{shown or 'no columns'}"
+        ) from None
+    return inputs, n_rows
 
 
 def _feature(value: Any, feat: Feature, name: str, ws: Workspace) -> np.ndarray:
@@ -221,13 +231,16 @@ def _feature(value: Any, feat: Feature, name: str, ws: Workspace) -> np.ndarray:
 
 
 def _collection(
-    columns: Mapping[str, Any], coll: JaggedCollection, ws: Workspace
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Offsets from 0 (given, or made from counts) and the fields cut to what they index."""
+    columns: Mapping[str, Any],
+    coll: JaggedCollection,
+    value: Any,
+    counts: Any,
+    n_rows: int,
+    ws: Workspace,
+) -> list[np.ndarray]:
+    """Offsets from 0 (``value``, or made from ``counts``), then the fields cut to what they
+    index (see ``match``)."""
     name, counts_name = coll.offsets_name, coll.counts_name
-    value, counts = columns.get(name), columns.get(counts_name)
-    if value is None and counts is None:  # with no field either, the field is what is missing
-        raise KeyError(name if coll.field_input_names[0] in columns else coll.field_input_names[0])
     fields = {n: _as_array(columns[n], n) for n in coll.field_input_names}
     if value is None:
         offsets = _from_counts(counts, counts_name, ws)
@@ -250,7 +263,13 @@ def _collection(
     if first:  # a view of a larger collection: its rows cut out, the offsets from 0
         offsets = np.subtract(offsets, first, out=ws.get(name, I64, len(offsets)))
     feats = zip(coll.fields, fields.items(), strict=True)
-    return offsets, [_feature(arr[first:last], feat, n, ws) for feat, (n, arr) in feats]
+    inputs = [offsets, *(_feature(arr[first:last], feat, n, ws) for feat, (n, arr) in feats)]
+    if n_rows >= 0 and len(offsets) - 1 != n_rows:
+        raise InputError(
+            f"{name!r} describes {len(offsets) - 1} rows (length {len(offsets)}), but the "
+            f"input has {n_rows} rows: offsets need one entry per row plus one"
+        )
+    return inputs
 
 
 def _offsets(value: Any, name: str, ws: Workspace) -> np.ndarray:

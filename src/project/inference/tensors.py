@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
 
 from project.contract import Feature, InputContract, JaggedCollection
 from project.inference.errors import InputError
-from project.inference.prepare import missing_column
+from project.inference.prepare import match
 
 # Integer dtypes whose every value is an int64 value, so that a cast needs no check of values.
 _INTEGERS = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,
@@ -95,16 +96,17 @@ class TensorPlan:
         return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64)
 
     def collection(
-        self, columns: Mapping[str, Any], coll: JaggedCollection
-    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Safe offsets, the fields (cut to a common length) and the number of offsets entries
-        that break the offsets rule (a device scalar)."""
+        self,
+        columns: Mapping[str, Any],
+        coll: JaggedCollection,
+        value: Any,
+        counts: Any,
+        n_rows: int,
+        bad: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Safe offsets, then the fields cut to a common length (see ``match``); appends to
+        ``bad`` the number of offsets entries that break the offsets rule (a device scalar)."""
         name, counts_name = coll.offsets_name, coll.counts_name
-        value, counts = columns.get(name), columns.get(counts_name)
-        if value is None and counts is None:  # with no field either, the field is what is missing
-            raise KeyError(
-                name if coll.field_input_names[0] in columns else coll.field_input_names[0]
-            )
         names = coll.field_input_names
         fields = [self.feature(columns[n], f, n) for f, n in zip(coll.fields, names, strict=True)]
         n_total = min(len(f) for f in fields)
@@ -120,48 +122,33 @@ class TensorPlan:
             raise InputError(f"{name!r} is empty: offsets have one entry per row plus one (>= 1)")
         # In [0, n_total] and never decreasing: equal to the offsets exactly where they are valid.
         safe = torch.cummax(offsets.clamp(0, n_total), 0).values
-        bad = torch.ne(safe, offsets).sum()
+        wrong = torch.ne(safe, offsets).sum()
         if made is not None and value is None:
-            bad = bad + (made[-1] != n_total)  # counts cover the fields exactly
+            wrong = wrong + (made[-1] != n_total)  # counts cover the fields exactly
         elif made is not None:
             if len(made) != len(offsets):
                 raise InputError(
                     f"{name!r} describes {len(offsets) - 1} rows and {counts_name!r} "
                     f"{len(made) - 1}: give one of them, or make them describe the same rows"
                 )
-            bad = bad + torch.ne(made, offsets - offsets[:1]).sum()
-        return safe, fields, bad
+            wrong = wrong + torch.ne(made, offsets - offsets[:1]).sum()
+        if n_rows >= 0 and len(safe) - 1 != n_rows:
+            raise InputError(
+                f"{name!r} (or {counts_name!r}) describes {len(safe) - 1} rows, but the input "
+                f"has {n_rows} rows: offsets need one entry per row plus one"
+            )
+        bad.append(wrong)
+        return [safe, *fields]
 
     def prepare(
         self, columns: Mapping[str, Any]
     ) -> tuple[list[torch.Tensor], int, torch.Tensor | None]:
         """The graph's inputs in order, the number of rows, and the verdict: ``None`` (nothing
         to check), or a float64 device vector read by ``problems``."""
-        tensors: list[torch.Tensor] = []
-        n_rows, first = -1, ""
-        bad: torch.Tensor | None = None
-        try:
-            for feat in self.contract.flat:
-                tensors.append(t := self.feature(columns[feat.name], feat, feat.name))
-                if n_rows >= 0 and len(t) != n_rows:
-                    raise InputError(
-                        f"flat columns have different lengths: {first!r} has {n_rows} rows, "
-                        f"{feat.name!r} has {len(t)}"
-                    )
-                n_rows, first = len(t), first or feat.name
-            for coll in self.contract.jagged:
-                offsets, fields, coll_bad = self.collection(columns, coll)
-                if n_rows >= 0 and len(offsets) - 1 != n_rows:
-                    raise InputError(
-                        f"{coll.offsets_name!r} (or {coll.counts_name!r}) describes "
-                        f"{len(offsets) - 1} rows, but the input has {n_rows} rows: offsets need "
-                        "one entry per row plus one"
-                    )
-                n_rows = len(offsets) - 1
-                tensors += [offsets, *fields]
-                bad = coll_bad if bad is None else bad + coll_bad
-        except KeyError as err:
-            raise missing_column(self.contract, str(err.args[0]), columns) from None
+        bad: list[torch.Tensor] = []
+        tensors, n_rows = match(
+            self.contract, columns, self.feature, partial(self.collection, bad=bad)
+        )
         parts = []
         if self.screen and n_rows:
             n_flat = len(self.contract.flat)
@@ -170,8 +157,8 @@ class TensorPlan:
             parts.append(
                 (floats[0] if len(floats) == 1 else torch.cat(floats)).sum(dtype=torch.float64)
             )
-        if bad is not None:
-            parts.append(bad)
+        if bad:
+            parts.append(sum(bad[1:], bad[0]))
         verdict = torch.stack(parts).to(torch.float64) if parts and n_rows else None
         return tensors, n_rows, verdict
 
