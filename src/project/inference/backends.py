@@ -21,8 +21,6 @@ F32 = np.dtype(np.float32)
 class Backend:
     """An artifact ready to run: ``backend(tensors)`` runs ``call``, tensors to tensors."""
 
-    format: str = ""
-
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return self.call(inputs)
 
@@ -43,8 +41,6 @@ class Backend:
 class TorchScriptBackend(Backend):
     """A TorchScript module loaded with ``torch.jit.load`` onto ``device``."""
 
-    format = "torchscript"
-
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
         self.module = torch.jit.load(str(path), map_location=device)
         self.module.eval()
@@ -58,8 +54,6 @@ class TorchScriptBackend(Backend):
 class AOTIBackend(Backend):
     """An AOTInductor package loaded with ``torch._inductor.aoti_load_package`` (compiled code,
     which can crash the process on some torch builds: the parity check loads it in a child)."""
-
-    format = "aoti"
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
         # ``torch._inductor.codecache`` too: torch 2.10's package loader reads it without
@@ -79,8 +73,6 @@ class AOTIBackend(Backend):
 
 class OnnxBackend(Backend):
     """An ONNX Runtime session under a thread policy, on the CPU execution provider."""
-
-    format = "onnx"
 
     def __init__(
         self,

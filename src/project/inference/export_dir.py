@@ -150,21 +150,16 @@ def _validate(manifest: Any, manifest_file: Path) -> None:
         )
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_file(path: Path, expected: str, what: str, record: str = "the manifest") -> None:
     """``ArtifactError`` if ``path`` is missing, ``IntegrityError`` if its sha256 is not
     ``expected`` (as ``record`` has it)."""
     if not path.is_file():
         raise ArtifactError(f"{what} {path} is listed in the manifest but missing")
-    if (found := sha256_of(path)) != expected:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    if (found := digest.hexdigest()) != expected:
         raise IntegrityError(
             f"{what} {path} has sha256 {found}, but {record} records {expected}: the file "
             "was modified or replaced after export. Re-export, or restore the original file."

@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch.nn.functional import pad
 
 from project.contract import Feature, InputContract, JaggedCollection
 from project.inference.errors import InputError
@@ -114,9 +115,7 @@ class TensorPlan:
             fields = [f[:n_total] for f in fields]
         made = None
         if counts is not None:
-            made = torch.nn.functional.pad(
-                torch.cumsum(self.integers(counts, counts_name), 0), (1, 0)
-            )
+            made = pad(torch.cumsum(self.integers(counts, counts_name), 0), (1, 0))
         offsets = made if value is None else self.integers(value, name)
         if len(offsets) == 0:
             raise InputError(f"{name!r} is empty: offsets have one entry per row plus one (>= 1)")
