@@ -67,3 +67,9 @@ clean-runs:
 .PHONY: cpp
 cpp: $(STAMP)
 	$(BIN)/python cpp/build.py
+
+# The same with the CUDA path (soa::Model on device pointers), where a CUDA toolkit is
+# present, into build/cpp-cuda. Usage: build/cpp-cuda/replay EXPORT GOLDEN --device cuda
+.PHONY: cpp-cuda
+cpp-cuda: $(STAMP)
+	$(BIN)/python cpp/build.py --cuda
