@@ -21,6 +21,7 @@ from project.data.sources.parquet import ParquetSource
 from project.data.sources.root import RootSource, open_tree
 from project.inference import InferenceModel, IntegrityError, load
 from project.utils import sha256_file
+from project.utils.profiling import marked
 
 # Event identifiers written beside the scores where the input has them; else the entry number.
 DEFAULT_IDS = ("run", "luminosityBlock", "event")
@@ -253,7 +254,8 @@ def score_chunk(ref: ExportRef, plan: FilePlan, index: int) -> ChunkScores:
             )
         rows = np.flatnonzero(mask == 1)
     scored = data if len(rows) == len(data) else data.take(rows)
-    outputs = model(scored.to_soa(contract))
+    with marked("inference.call"):
+        outputs = model(scored.to_soa(contract))
     scores = {}
     for name, values in outputs.items():
         full = np.full(len(data), np.nan, dtype=np.float32)

@@ -6,7 +6,7 @@ chrome trace, in TensorBoard or Perfetto). The template marks the batch gather
 (``soa.gather``), the assembler (``soa.assemble``), the training forward, backward and
 optimiser step (``train.forward``, ``train.backward``, ``train.optimizer_step``), a replay of
 the captured training step (``train.step_graph``), validation and test (``eval.validation``,
-``eval.test``).
+``eval.test``), and the predict job marks its inference calls (``inference.call``).
 
 Off by default, and then free: ``marked`` checks one module flag and hands back a shared
 no-op context manager. It is on when the environment variable ``PROJECT_PROFILE`` is set to
